@@ -1,0 +1,181 @@
+"""Validated configuration: :class:`Config` for a problem, :class:`EngineConfig` for a run.
+
+Values are checked when the object is built, so a typo fails before any training starts.
+
+Example:
+    >>> from mlopt import Config, EngineConfig
+    >>> cfg = Config(type="reverse", unroll_steps=5)
+    >>> cfg.unroll_steps
+    5
+    >>> EngineConfig(train_iters=100, valid_step=10).train_iters
+    100
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlopt.errors import ConfigError
+
+__all__ = ["Config", "EngineConfig", "PRECISIONS", "STRATEGIES", "LOGGERS"]
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+STRATEGIES = ("default", "cpu", "cuda", "ddp")
+LOGGERS = ("none", "tensorboard", "wandb")
+_RESAMPLE = ("step", "window")
+_ON_NONFINITE = ("raise", "skip")
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class Config:
+    """How one problem is solved and how hypergradients flow back through it.
+
+    Attributes:
+        type: hypergradient method used when an upper problem differentiates through this
+            (lower) problem: a registered name (``"reverse"``, ``"first_order"``, ``"cg"``, ...;
+            see ``mlopt.hypergrad.available_methods()``) or a method object such as
+            ``mlopt.hypergrad.Reverse(truncate=2)``.
+        unroll_steps: updates this problem makes per window before its uppers step.
+        initialize_from: name of an upper problem whose parameters start each unroll window
+            (meta-initialization, MAML family). The modules must have the same parameter names.
+        resample: ``"step"`` draws a new batch for every update; ``"window"`` draws one batch per
+            unroll window and reuses it (one task per window, as in MAML). Default: ``"window"``
+            when ``initialize_from`` is set, else ``"step"``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` autocast for ``training_step``.
+        gradient_accumulation: number of gradient computations summed (averaged) per optimizer
+            update (a meta-batch of tasks for an upper problem).
+        gradient_clipping: clip the total gradient norm to this value (0 disables).
+        warmup_steps: linear learning-rate warm-up over this many optimizer updates.
+        log_step: log this problem's loss every ``log_step`` steps (0 disables).
+        on_nonfinite: ``"raise"`` a HypergradientError on a NaN/Inf loss or gradient, or
+            ``"skip"`` the update with a warning.
+        options: free-form options for user extensions.
+    """
+
+    type: Any = "reverse"
+    unroll_steps: int = 1
+    initialize_from: str | None = None
+    resample: str | None = None
+    precision: str = "fp32"
+    gradient_accumulation: int = 1
+    gradient_clipping: float = 0.0
+    warmup_steps: int = 0
+    log_step: int = 0
+    on_nonfinite: str = "raise"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = "Config"
+        _check_int(owner, "unroll_steps", self.unroll_steps, 1)
+        _check_int(owner, "gradient_accumulation", self.gradient_accumulation, 1)
+        _check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        _check_int(owner, "log_step", self.log_step, 0)
+        _check_choice(owner, "precision", self.precision, PRECISIONS)
+        _check_choice(owner, "on_nonfinite", self.on_nonfinite, _ON_NONFINITE)
+        if self.resample is None:
+            self.resample = "window" if self.initialize_from is not None else "step"
+        _check_choice(owner, "resample", self.resample, _RESAMPLE)
+        clip = self.gradient_clipping
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip >= 0:
+            raise ConfigError(f"Config: gradient_clipping must be a number >= 0, got {clip!r}")
+        if self.initialize_from is not None and not isinstance(self.initialize_from, str):
+            name = getattr(self.initialize_from, "name", None)
+            if not isinstance(name, str):
+                raise ConfigError(
+                    "Config: initialize_from must be the name of an upper problem (a string), "
+                    f"got {self.initialize_from!r}"
+                )
+            self.initialize_from = name
+        # The method itself is resolved (and unknown names rejected) by mlopt.hypergrad.
+        from mlopt.hypergrad import resolve_method
+
+        self.type = resolve_method(self.type)
+
+
+@dataclass
+class EngineConfig:
+    """Settings of a whole run.
+
+    Attributes:
+        train_iters: iterations of the schedule (the lowest problems step once per iteration).
+        valid_step: call ``Engine.validation()`` every this many iterations (0 disables).
+        logger_type: ``"none"``, ``"tensorboard"`` or ``"wandb"``.
+        log_dir: directory for TensorBoard/wandb logs.
+        progress: show a tqdm progress bar (only on a terminal, only on rank 0).
+        seed: seed for Python, NumPy and torch (None leaves the RNGs alone).
+        checkpoint_dir: where checkpoints go (None disables checkpointing).
+        checkpoint_step: save a checkpoint every this many iterations (0: only at the end).
+        resume: path of a checkpoint file, or ``True`` for the latest in ``checkpoint_dir``.
+        early_stopping: stop when ``early_stopping_metric`` (from ``validation()``) has not
+            improved for ``early_stopping_patience`` validations.
+        early_stopping_metric: key of the validation dict to watch.
+        early_stopping_mode: ``"min"`` or ``"max"``.
+        early_stopping_patience: validations without improvement before stopping.
+        roll_back: DARTS look-ahead semantics: after an upper steps, its lowers return to the
+            state they had at the start of their window and redo the window's updates (on the
+            same batches) with the new upper parameters.
+        strategy: ``"default"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
+            ``"ddp"`` (torch.distributed data parallel launched with torchrun).
+        device: explicit device string, overriding ``strategy``'s choice.
+    """
+
+    train_iters: int = 1000
+    valid_step: int = 0
+    logger_type: str = "none"
+    log_dir: str = "runs"
+    progress: bool = False
+    seed: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_step: int = 0
+    resume: Any = None
+    early_stopping: bool = False
+    early_stopping_metric: str = "loss"
+    early_stopping_mode: str = "min"
+    early_stopping_patience: int = 5
+    roll_back: bool = False
+    strategy: str = "default"
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = "EngineConfig"
+        _check_int(owner, "train_iters", self.train_iters, 0)
+        _check_int(owner, "valid_step", self.valid_step, 0)
+        _check_int(owner, "checkpoint_step", self.checkpoint_step, 0)
+        _check_int(owner, "early_stopping_patience", self.early_stopping_patience, 1)
+        _check_choice(owner, "logger_type", self.logger_type, LOGGERS)
+        _check_choice(owner, "strategy", self.strategy, STRATEGIES)
+        _check_choice(owner, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
+        if self.seed is not None:
+            _check_int(owner, "seed", self.seed, 0)
+        if self.early_stopping and self.valid_step == 0:
+            raise ConfigError(
+                "EngineConfig: early_stopping needs validation: set valid_step > 0 and override "
+                "Engine.validation() to return a dict with the watched metric"
+            )
+        if self.checkpoint_step and self.checkpoint_dir is None:
+            raise ConfigError(
+                "EngineConfig: checkpoint_step is set but checkpoint_dir is None; give a directory"
+            )
+        if self.resume not in (None, False, True) and not isinstance(self.resume, str):
+            raise ConfigError(
+                f"EngineConfig: resume must be a checkpoint path or True, got {self.resume!r}"
+            )
+        if self.resume is True and self.checkpoint_dir is None:
+            raise ConfigError("EngineConfig: resume=True needs checkpoint_dir to look in")
+
+    @property
+    def best_initial(self) -> float:
+        """The worst possible value of the early-stopping metric."""
+        return math.inf if self.early_stopping_mode == "min" else -math.inf

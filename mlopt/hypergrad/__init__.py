@@ -1,0 +1,45 @@
+"""Hypergradient methods: pure functions over tensors and closures, and the method objects that
+``Config(type=...)`` accepts.
+
+Example:
+    >>> import mlopt.hypergrad as hg
+    >>> "reverse" in hg.available_methods()
+    True
+"""
+
+from mlopt.hypergrad.base import (
+    LowerContext,
+    Method,
+    Transition,
+    Vec,
+    attach,
+    available_methods,
+    register_method,
+    resolve_method,
+)
+from mlopt.hypergrad.first_order import FirstOrder, Reptile, first_order_vjp, reptile_gradient
+from mlopt.hypergrad.methods import CG, FiniteDifference, FixedPoint, Forward, Neumann
+from mlopt.hypergrad.reverse import Reverse, reverse_vjp, unroll
+
+__all__ = [
+    "LowerContext",
+    "Method",
+    "Transition",
+    "Vec",
+    "attach",
+    "available_methods",
+    "register_method",
+    "resolve_method",
+    "Reverse",
+    "FirstOrder",
+    "Reptile",
+    "CG",
+    "Neumann",
+    "FixedPoint",
+    "FiniteDifference",
+    "Forward",
+    "reverse_vjp",
+    "unroll",
+    "first_order_vjp",
+    "reptile_gradient",
+]

@@ -1,0 +1,82 @@
+"""Reverse-mode hypergradients through an unrolled lower-level optimization (RHG, TRHG, MAML).
+
+The lower problem's updates ``θ_{t+1} = Φ(θ_t, φ)`` are recorded by autograd (``create_graph``);
+the upper's gradient is the vector-Jacobian product of ``θ_T`` with the upper cotangent
+(Franceschi et al. 2017, Finn et al. 2017). ``Reverse(truncate=K)`` keeps the graph of the last
+``K`` updates only (Shaban et al. 2019).
+
+Truncation convention: ``truncate=K`` backpropagates through the LAST ``K`` updates of each unroll
+window, as BOML's truncated RHG does. (BOAT's ``truncate_iter`` counts the other way: it skips the
+FIRST ``K`` updates.) The window start is cut from the graph, so a meta-initialization is not
+differentiated through when ``K < unroll_steps``.
+
+Example:
+    >>> import torch
+    >>> phi = torch.tensor(2.0, requires_grad=True)
+    >>> step = lambda theta: (theta[0] - 0.5 * (theta[0] - phi),)   # GD on ½(θ-φ)²
+    >>> theta_T = unroll(step, (torch.tensor(0.0),), steps=3)
+    >>> reverse_vjp(theta_T, (phi,), (torch.tensor(1.0),))
+    (tensor(0.8750),)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mlopt.hypergrad.base import Method, Vec, register_method
+
+__all__ = ["Reverse", "unroll", "reverse_vjp"]
+
+
+def unroll(
+    step_fn: Callable[[Vec], Vec], params0: Vec, steps: int, *, truncate: int | None = None
+) -> Vec:
+    """Apply ``step_fn`` ``steps`` times keeping the autograd graph (of the last ``truncate``)."""
+    params = tuple(params0)
+    for t in range(steps):
+        if truncate is not None and t == steps - truncate:
+            params = tuple(p.detach().requires_grad_(p.requires_grad) for p in params)
+        params = tuple(step_fn(params))
+    return params
+
+
+def reverse_vjp(outputs: Vec, inputs: Vec, cotangent: Vec, *, create_graph: bool = False) -> Vec:
+    """``cotangent^T d outputs / d inputs`` by backpropagation (zeros for unused inputs)."""
+    grads = torch.autograd.grad(
+        outputs, inputs, cotangent, create_graph=create_graph, allow_unused=True, retain_graph=True
+    )
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+@dataclass(repr=False)
+class Reverse(Method):
+    """Exact reverse-mode hypergradient through the lower's unroll window.
+
+    Args:
+        truncate: backpropagate through the last ``truncate`` updates of each window only
+            (None: all of them).
+    """
+
+    truncate: int | None = None
+
+    name = "reverse"
+    differentiable_unroll = True
+    exposes_graph = True
+
+    def __post_init__(self) -> None:
+        from mlopt.errors import ConfigError
+
+        t = self.truncate
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ConfigError(f"Reverse: truncate must be None or an integer >= 1, got {t!r}")
+
+    def truncate_at(self, unroll_steps: int) -> int | None:
+        if self.truncate is None or self.truncate >= unroll_steps:
+            return None
+        return unroll_steps - self.truncate
+
+
+register_method("reverse", Reverse)

@@ -1,0 +1,130 @@
+"""Small pure pieces of one problem update: loss checking, gradients, clipping, finiteness.
+
+Example:
+    >>> import torch
+    >>> g = (torch.tensor([3.0, 4.0]),)
+    >>> clip_by_total_norm(g, 1.0)[0]
+    tensor([0.6000, 0.8000])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from mlopt.errors import ConfigError, HypergradientError
+
+__all__ = [
+    "split_output",
+    "gradient",
+    "clip_by_total_norm",
+    "all_finite",
+    "autocast",
+    "scaled_lr",
+    "nonfinite_error",
+    "to_device",
+]
+
+Vec = tuple[torch.Tensor, ...]
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def split_output(name: str, out: Any) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Split what ``training_step`` returned into a scalar loss and a metrics dict.
+
+    Raises:
+        ConfigError: if the loss is not a scalar tensor (the message names the problem).
+    """
+    metrics: dict[str, Any] = {}
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise ConfigError(
+                f"problem {name!r}: training_step returned a dict without a 'loss' key "
+                f"(keys: {sorted(out)}); return a scalar tensor or {{'loss': ..., **metrics}}"
+            )
+        metrics = {k: v for k, v in out.items() if k != "loss"}
+        out = out["loss"]
+    if out is None:
+        return None, metrics
+    if not isinstance(out, torch.Tensor) or out.numel() != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"problem {name!r}: training_step must return a scalar loss tensor, got {shape}; "
+            "reduce it, e.g. with .mean() or .sum()"
+        )
+    return out.reshape(()), metrics
+
+
+def gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], *, create_graph: bool) -> Vec:
+    """``∂loss/∂params`` (zeros for unused parameters), keeping the graph if asked."""
+    needs = [p for p in params if p.requires_grad]
+    if not needs or not loss.requires_grad:
+        return tuple(torch.zeros_like(p) for p in params)
+    grads = torch.autograd.grad(
+        loss, params, create_graph=create_graph, allow_unused=True, materialize_grads=True
+    )
+    return tuple(grads)
+
+
+def clip_by_total_norm(grads: Vec, max_norm: float) -> Vec:
+    """Scale ``grads`` so that their joint 2-norm is at most ``max_norm`` (differentiable)."""
+    if max_norm <= 0 or not grads:
+        return grads
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return tuple(g * coef for g in grads)
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one host sync)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def nonfinite_error(name: str, step: int, what: str) -> HypergradientError:
+    """The error for a NaN/Inf ``what`` of problem ``name`` at ``step``."""
+    return HypergradientError(
+        f"problem {name!r}, step {step}: non-finite {what} (NaN or Inf). Lower the learning "
+        "rate, clip gradients (Config(gradient_clipping=...)), check the data, or set "
+        "Config(on_nonfinite='skip') to skip such updates with a warning"
+    )
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``"fp16"``/``"bf16"``; a no-op for ``"fp32"``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+@contextlib.contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer | None, factor: float) -> Iterator[None]:
+    """Temporarily multiply every param group's learning rate by ``factor`` (warm-up)."""
+    if optimizer is None or factor == 1.0:
+        yield
+        return
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = g["lr"] * factor
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved):
+            g["lr"] = lr
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``; other objects are returned as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # NamedTuple
+        return type(batch)(*(to_device(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,372 @@
+"""Runs problem updates: unroll windows, fast weights, hypergradient exposure.
+
+The :class:`Stepper` is the Engine's workhorse and owns no maths: losses come from the user's
+``training_step``, gradients from autograd, hypergradients from the lower problems' methods
+(``mlopt.hypergrad``), differentiable updates from ``mlopt.optim``.
+
+How a hypergradient reaches an upper: while an upper's ``training_step`` runs, a lower that it
+reads (an ``l2u`` edge) shows it either its differentiable unroll (``reverse``) or an autograd node
+(:func:`mlopt.hypergrad.attach`) whose backward is the lower's method. The upper's gradient is then
+plain ``torch.autograd.grad``, and a middle level differentiates through its own lowers the
+same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mlopt.errors import ConfigError
+from mlopt.graph import Graph, Scheduler
+from mlopt.hypergrad.base import LowerContext, Transition, attach
+from mlopt.step import (
+    all_finite,
+    autocast,
+    clip_by_total_norm,
+    gradient,
+    nonfinite_error,
+    scaled_lr,
+    split_output,
+    to_device,
+)
+
+if TYPE_CHECKING:
+    from mlopt.problem import Problem
+
+__all__ = ["Stepper"]
+
+Vec = tuple[torch.Tensor, ...]
+
+
+class Stepper:
+    """Per-run state of the schedule and the update of each problem."""
+
+    def __init__(self, problems: dict[str, Problem], graph: Graph, device: torch.device) -> None:
+        self.problems = problems
+        self.graph = graph
+        self.device = device
+        self.scheduler = Scheduler(graph, {n: p.config.unroll_steps for n, p in problems.items()})
+        self.reads = {
+            n: set(graph.lowers(n)) & {low for low in graph.l2u if n in graph.l2u[low]}
+            for n in problems
+        }
+        self.uppers = {n: self._upper_names(n) for n in problems}
+        self.differentiable = {
+            n: bool(self.uppers[n]) and p.config.type.differentiable_unroll
+            for n, p in problems.items()
+        }
+        self.dopt: dict[str, Any] = {}
+        self.opt_state: dict[str, Any] = {}
+        self.memory: dict[str, Any] = {}
+        self.before: dict[str, Vec | None] = {}
+        self.window_batches: dict[str, list] = {n: [] for n in problems}
+        self.snapshots: dict[str, dict | None] = {}
+        self.keep_snapshots = False  # EngineConfig.roll_back
+        self.accumulated = dict.fromkeys(problems, 0)
+        self.updates = dict.fromkeys(problems, 0)
+        self.last_loss: dict[str, float] = {}
+        self.metrics: dict[str, dict] = {}
+        self.rank, self.world = 0, 1
+        self.reduce_grads = None  # set by the distributed strategy
+        self._active: list[Problem] = []
+        self._version = 0
+        self._cache: dict[str, tuple] = {}
+        for name, p in problems.items():
+            m = p.config.type
+            if self.differentiable[name] or (m.tracks_dynamics and self.uppers[name]):
+                from mlopt.optim import DifferentiableOptimizer
+
+                if p.optimizer is not None:
+                    self.dopt[name] = DifferentiableOptimizer(p.optimizer, p._leaves())
+
+    def _upper_names(self, name: str) -> list[str]:
+        out = list(self.graph.hyper_uppers(name))
+        init = self.problems[name].config.initialize_from
+        if init is not None and init not in out:
+            out.append(init)
+        return out
+
+    # ------------------------------------------------------------------ activity
+    @contextlib.contextmanager
+    def active(self, problem: Problem) -> Iterator[None]:
+        """Mark ``problem`` as the one whose loss is being computed."""
+        self._active.append(problem)
+        try:
+            yield
+        finally:
+            self._active.pop()
+
+    def loss(self, problem: Problem, batch: Any) -> tuple[torch.Tensor | None, dict]:
+        """Run ``problem.training_step(batch)`` under its precision; returns (loss, metrics)."""
+        with self.active(problem), autocast(problem.config.precision, self.device):
+            out = problem.training_step(batch)
+        return split_output(problem.name, out)
+
+    def loss_at(self, problem: Problem, params: Vec, batch: Any) -> torch.Tensor:
+        """The problem's loss with ``params`` as its current parameters."""
+        with problem._using(params):
+            loss, _ = self.loss(problem, batch)
+        if loss is None:
+            raise ConfigError(f"problem {problem.name!r}: training_step returned no loss")
+        return loss
+
+    # ------------------------------------------------------------------ exposure
+    def exposed_params(self, problem: Problem) -> Vec | None:
+        """What the active upper sees of ``problem`` (None: its plain current parameters)."""
+        if not self._active:
+            return None
+        reader = self._active[-1]
+        if reader is problem or problem.name not in self.reads[reader.name]:
+            return None
+        method = problem.config.type
+        if method.exposes_graph and problem._fast is not None and self.differentiable[problem.name]:
+            return problem._fast
+        ctx = self.context(problem)
+        key = (
+            self._version,
+            tuple(id(t) for t in ctx.uppers),
+            tuple(id(t) for t in problem._current()),
+        )
+        hit = self._cache.get(problem.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = attach(ctx.params, ctx.uppers, functools.partial(method.vjp, ctx))
+        self._cache[problem.name] = (key, out)
+        return out
+
+    def context(self, problem: Problem) -> LowerContext:
+        """The :class:`LowerContext` of ``problem`` with its uppers' current parameters."""
+        tensors: list[torch.Tensor] = []
+        slices: dict[str, slice] = {}
+        for name in self.uppers[problem.name]:
+            cur = self.problems[name]._current()
+            slices[name] = slice(len(tensors), len(tensors) + len(cur))
+            tensors.extend(cur)
+        batch = problem.batch
+        init = problem.config.initialize_from
+        return LowerContext(
+            name=problem.name,
+            params=tuple(t.detach() for t in problem._current()),
+            params_before=self.before.get(problem.name),
+            uppers=tuple(tensors),
+            loss_fn=lambda ps: self.loss_at(problem, ps, batch),
+            lr=self.learning_rates(problem),
+            init=slices.get(init) if init is not None else None,
+            memory=self.memory.get(problem.name),
+            step=self.scheduler.steps[problem.name],
+            extra={"slices": slices},
+        )
+
+    def learning_rates(self, problem: Problem) -> tuple[float, ...]:
+        """The current learning rate of each trainable parameter tensor."""
+        opt = problem.optimizer
+        if opt is None:
+            return ()
+        lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        return tuple(float(lr_of.get(id(p), 0.0)) for p in problem._leaves())
+
+    # ------------------------------------------------------------------ windows
+    def begin_window(self, p: Problem) -> None:
+        """Commit the previous window and start a new one (meta-initialization, fresh state)."""
+        name, diff = p.name, self.differentiable[p.name]
+        if name in self.dopt and self.opt_state.get(name) is not None:
+            self.dopt[name].commit(self.opt_state[name])
+        p._commit()
+        init = p.config.initialize_from
+        if init is not None:
+            src = self.problems[init]._current()
+            if diff:
+                # distinct tensors (views) so that ∂f/∂θ_0 is not confused with ∂f/∂φ
+                p._set_fast(tuple(t.view_as(t) for t in src))
+            else:
+                with torch.no_grad():
+                    for leaf, value in zip(p._leaves(), src):
+                        leaf.copy_(value)
+                if p.optimizer is not None:
+                    for leaf in p._leaves():
+                        p.optimizer.state.pop(leaf, None)
+        elif diff:
+            p._set_fast(tuple(p._leaves()))
+        if name in self.dopt:
+            self.opt_state[name] = self.dopt[name].init_state(fresh=init is not None)
+        self.memory[name] = p.config.type.begin_window() if p.config.type.tracks_dynamics else None
+        self.window_batches[name] = []
+        if self.keep_snapshots and self.uppers[name] and p.optimizer is not None:
+            from mlopt.rollback import snapshot
+
+            self.snapshots[name] = snapshot(p)
+        p.on_inner_loop_start()
+
+    def commit_all(self) -> None:
+        """Write every problem's fast weights and functional optimizer state back."""
+        for name, p in self.problems.items():
+            if name in self.dopt and self.opt_state.get(name) is not None:
+                self.dopt[name].commit(self.opt_state[name])
+            p._commit()
+
+    def step(self, p: Problem) -> bool:
+        """One update of ``p``; returns True when it completes an unroll window."""
+        name, cfg, sched = p.name, p.config, self.scheduler
+        starts = sched.window_starts(name)
+        if starts:
+            self.begin_window(p)
+        if cfg.resample == "window" and not starts:
+            batch = p.batch
+        else:
+            batch = to_device(p._next_batch(self.rank, self.world), self.device)
+            p.__dict__["_batch"] = batch
+        self.window_batches[name].append(batch)
+        diff = self.differentiable[name]
+        method = cfg.type
+        if diff and method.truncate_at(cfg.unroll_steps) == sched.window_count[name]:
+            p._set_fast(tuple(t.detach().requires_grad_() for t in p._current()))
+            self.opt_state[name] = _detach_state(self.opt_state.get(name))
+        params = p._current()
+        if getattr(method, "needs_params_before", True) and self.uppers[name]:
+            self.before[name] = tuple(t.detach().clone() for t in params)
+        loss, metrics = self.loss(p, batch)
+        self.metrics[name] = metrics
+        if loss is None:
+            grads = tuple(torch.zeros_like(t) for t in params)
+        else:
+            if not all_finite([loss.detach()]):
+                return self._skip_or_raise(p, "loss")
+            self.last_loss[name] = loss.detach()
+            grads = gradient(loss, params, create_graph=diff)
+        grads = self._add_direct(p, grads)
+        if not all_finite([g.detach() for g in grads]):
+            return self._skip_or_raise(p, "gradient (hypergradient included)")
+        grads = clip_by_total_norm(grads, cfg.gradient_clipping)
+        transition = (
+            self._transition(p, params) if method.tracks_dynamics and self.uppers[name] else None
+        )
+        self._update(p, params, grads, diff)
+        if transition is not None:
+            self.memory[name] = method.after_step(self.memory[name], transition)
+        self._version += 1
+        return sched.record_step(name)
+
+    def _skip_or_raise(self, p: Problem, what: str) -> bool:
+        step = self.scheduler.steps[p.name]
+        if p.config.on_nonfinite == "raise":
+            raise nonfinite_error(p.name, step, what)
+        warnings.warn(
+            f"problem {p.name!r}, step {step}: non-finite {what}; update skipped",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return self.scheduler.record_step(p.name)
+
+    def _add_direct(self, p: Problem, grads: Vec) -> Vec:
+        """Add gradients that lowers give regardless of the loss (Reptile)."""
+        for low_name in self.graph.u2l.get(p.name, ()):
+            low = self.problems[low_name]
+            if (
+                type(low.config.type).direct_gradient
+                is type(low.config.type).__mro__[-2].direct_gradient
+            ):
+                continue
+            ctx = self.context(low)
+            extra = low.config.type.direct_gradient(ctx)
+            if extra is None:
+                continue
+            sl = ctx.extra["slices"].get(p.name)
+            if sl is not None:
+                grads = tuple(g + e for g, e in zip(grads, extra[sl]))
+        return grads
+
+    def _warmup(self, p: Problem) -> float:
+        w = p.config.warmup_steps
+        return 1.0 if w == 0 else min(1.0, (self.updates[p.name] + 1) / w)
+
+    def _update(self, p: Problem, params: Vec, grads: Vec, diff: bool) -> None:
+        name, cfg = p.name, p.config
+        if not params:
+            return
+        if diff:
+            with scaled_lr(p.optimizer, self._warmup(p)):
+                new, self.opt_state[name] = self.dopt[name].step(
+                    params, grads, self.opt_state[name]
+                )
+            p._set_fast(tuple(new))
+            self.updates[name] += 1
+            if p.scheduler is not None:
+                p.scheduler.step()
+            return
+        k = cfg.gradient_accumulation
+        for leaf, g in zip(params, grads):
+            g = g.detach() / k
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
+        self.accumulated[name] += 1
+        if self.accumulated[name] < k:
+            return
+        if self.reduce_grads is not None:
+            self.reduce_grads(params)
+        with scaled_lr(p.optimizer, self._warmup(p)):
+            p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        self.accumulated[name] = 0
+        self.updates[name] += 1
+        if p.scheduler is not None:
+            p.scheduler.step()
+
+    def _transition(self, p: Problem, params: Vec) -> Transition:
+        """The pure update map of ``p`` over (parameters, optimizer state), for forward mode."""
+        name, batch = p.name, p.batch
+        dopt = self.dopt.get(name)
+        if dopt is None:
+            raise ConfigError(f"problem {name!r}: forward mode needs an optimizer")
+        keys = _state_keys(self.opt_state[name])
+        ctx = self.context(p)
+        n = len(params)
+
+        def step_fn(state: Vec, uppers: Vec) -> Vec:
+            ps, buffers = state[:n], _unflatten_state(keys, state[n:])
+            with contextlib.ExitStack() as stack:
+                for up_name, sl in ctx.extra["slices"].items():
+                    stack.enter_context(self.problems[up_name]._using(uppers[sl]))
+                grads = torch.func.grad(lambda q: self.loss_at(p, q, batch))(ps)
+                new, new_state = dopt.step(ps, grads, buffers)
+            return tuple(new) + _flatten_state(keys, new_state)
+
+        state = tuple(t.detach() for t in params) + _flatten_state(keys, self.opt_state[name])
+        first = self.scheduler.window_count[name] == 0
+        return Transition(
+            step_fn,
+            state,
+            tuple(u.detach() for u in ctx.uppers),
+            n,
+            init=ctx.init if first else None,
+        )
+
+
+def _detach_state(state: Any) -> Any:
+    if state is None:
+        return None
+    return [
+        {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in state
+    ]
+
+
+def _state_keys(state: list[dict]) -> list[list[str]]:
+    return [
+        sorted(k for k, v in s.items() if isinstance(v, torch.Tensor) and k != "step")
+        for s in state
+    ]
+
+
+def _flatten_state(keys: list[list[str]], state: list[dict]) -> Vec:
+    return tuple(s[k] for ks, s in zip(keys, state) for k in ks)
+
+
+def _unflatten_state(keys: list[list[str]], flat: Vec) -> list[dict]:
+    out, i = [], 0
+    for ks in keys:
+        out.append({k: flat[i + j] for j, k in enumerate(ks)})
+        i += len(ks)
+    return out

@@ -1,0 +1,76 @@
+"""Shared builders for tests: the quadratic bilevel program through the Problem/Engine API."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import mlopt
+from mlopt.testing import QuadraticBilevel, capture_gradients
+
+F64 = torch.float64
+
+
+class Vector(nn.Module):
+    """A module holding one parameter vector."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(value.clone().to(F64))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class QuadLower(mlopt.Problem):
+    def __init__(self, q: QuadraticBilevel, upper: str, **kw) -> None:
+        super().__init__(**kw)
+        self.q, self.up_name = q, upper
+
+    def training_step(self, batch):
+        phi = getattr(self, self.up_name).module.weight
+        return self.q.lower_loss(self.module.weight, phi)
+
+
+class QuadUpper(mlopt.Problem):
+    def __init__(self, q: QuadraticBilevel, lower: str, **kw) -> None:
+        super().__init__(**kw)
+        self.q, self.low_name = q, lower
+
+    def training_step(self, batch):
+        theta = getattr(self, self.low_name)()
+        return self.q.upper_loss(theta, self.module())
+
+
+def quadratic_program(
+    q,
+    phi0,
+    theta0,
+    *,
+    method="reverse",
+    steps=5,
+    lr=0.1,
+    momentum=0.0,
+    upper_lr=1.0,
+    init=False,
+    inner_opt="sgd",
+    engine_kw=None,
+):
+    """A two-level quadratic program; returns (engine, upper, lower, captured upper gradients)."""
+    low_mod = Vector(theta0 if not init else phi0)
+    up_mod = Vector(phi0)
+    if inner_opt == "sgd":
+        low_opt = torch.optim.SGD(low_mod.parameters(), lr=lr, momentum=momentum)
+    else:
+        low_opt = inner_opt(low_mod.parameters())
+    up_opt = torch.optim.SGD(up_mod.parameters(), lr=upper_lr)
+    cfg = mlopt.Config(type=method, unroll_steps=steps, initialize_from="upper" if init else None)
+    lower = QuadLower(q, "upper", name="lower", module=low_mod, optimizer=low_opt, config=cfg)
+    upper = QuadUpper(q, "lower", name="upper", module=up_mod, optimizer=up_opt)
+    grads = capture_gradients(up_opt)
+    engine = mlopt.Engine(
+        [upper, lower],
+        {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+        mlopt.EngineConfig(train_iters=steps, strategy="cpu", **(engine_kw or {})),
+    )
+    return engine, upper, lower, grads
