@@ -109,7 +109,7 @@ def engine_state(engine: Engine) -> dict:
             f"cannot checkpoint in the middle of an unroll window of {busy}: its autograd graph "
             "cannot be saved; checkpoint between windows (Engine.run() waits for one)"
         )
-    st.commit_all()
+    st.sync_modules()
     problems = {}
     for name, p in engine.problems_by_name.items():
         entry: dict[str, Any] = {"data": p._data_state()}
@@ -154,6 +154,7 @@ def load_engine_state(engine: Engine, state: dict) -> None:
             p.scheduler.load_state_dict(entry["scheduler"])
         p._load_data_state(entry["data"])
         st.opt_state[name] = None
+        st.opened[name] = False
     engine.iteration = state["iteration"]
     engine.best_metric = state["best_metric"]
     engine.bad_validations = state["bad_validations"]

@@ -166,6 +166,7 @@ class Engine:
         self.logger = make_logger(config, rank=self.stepper.rank)
         if config.resume:
             self.load_checkpoint(config.resume)
+        self.stepper.open_windows()
 
     # ------------------------------------------------------------------ description
     def describe(self) -> str:
@@ -195,6 +196,7 @@ class Engine:
         self.iteration += 1
         if self.config.roll_back:
             self._roll_back(stepped)
+        self.stepper.open_windows()
         self._log_step(stepped)
         return stepped
 
@@ -229,7 +231,7 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
-        self.stepper.commit_all()
+        self.stepper.sync_modules()
         if cfg.checkpoint_dir:
             self.save_checkpoint()
         self.logger.flush()

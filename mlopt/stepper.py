@@ -66,6 +66,7 @@ class Stepper:
         self.before: dict[str, Vec | None] = {}
         self.window_batches: dict[str, list] = {n: [] for n in problems}
         self.snapshots: dict[str, dict | None] = {}
+        self.opened = dict.fromkeys(problems, False)
         self.keep_snapshots = False  # EngineConfig.roll_back
         self.accumulated = dict.fromkeys(problems, 0)
         self.updates = dict.fromkeys(problems, 0)
@@ -191,29 +192,47 @@ class Stepper:
                     for leaf in p._leaves():
                         p.optimizer.state.pop(leaf, None)
         elif diff:
-            p._set_fast(tuple(p._leaves()))
+            # a fresh copy: the leaf may already feed other graphs (e.g. an upper's fast weights
+            # that depend on the previous window), and it is overwritten in place on commit
+            p._set_fast(tuple(t.detach().clone().requires_grad_() for t in p._leaves()))
         if name in self.dopt:
             self.opt_state[name] = self.dopt[name].init_state(fresh=init is not None)
         self.memory[name] = p.config.type.begin_window() if p.config.type.tracks_dynamics else None
         self.window_batches[name] = []
+        self.opened[name] = True
         if self.keep_snapshots and self.uppers[name] and p.optimizer is not None:
             from mlopt.rollback import snapshot
 
             self.snapshots[name] = snapshot(p)
         p.on_inner_loop_start()
 
-    def commit_all(self) -> None:
-        """Write every problem's fast weights and functional optimizer state back."""
+    def open_windows(self) -> None:
+        """Open the next unroll window of every problem whose previous window has closed.
+
+        Windows open eagerly (at the start and at the end of the iteration that closed the
+        previous one), so that every problem stepping in between sees the window's own tensors.
+        """
+        for name in self.scheduler.order:
+            if not self.opened[name] and self.scheduler.window_count[name] == 0:
+                self.begin_window(self.problems[name])
+
+    def sync_modules(self) -> None:
+        """Write fast weights and functional optimizer state into the modules and optimizers,
+        keeping the unroll as it is (its tensors are copies, never the leaves themselves)."""
         for name, p in self.problems.items():
             if name in self.dopt and self.opt_state.get(name) is not None:
                 self.dopt[name].commit(self.opt_state[name])
-            p._commit()
+            if p._fast is not None:
+                with torch.no_grad():
+                    for leaf, value in zip(p._leaves(), p._fast):
+                        if value is not leaf:
+                            leaf.copy_(value)
 
     def step(self, p: Problem) -> bool:
         """One update of ``p``; returns True when it completes an unroll window."""
         name, cfg, sched = p.name, p.config, self.scheduler
         starts = sched.window_starts(name)
-        if starts:
+        if not self.opened[name]:
             self.begin_window(p)
         if cfg.resample == "window" and not starts:
             batch = p.batch
@@ -249,7 +268,13 @@ class Stepper:
         if transition is not None:
             self.memory[name] = method.after_step(self.memory[name], transition)
         self._version += 1
-        return sched.record_step(name)
+        return self._record(name)
+
+    def _record(self, name: str) -> bool:
+        done = self.scheduler.record_step(name)
+        if done:
+            self.opened[name] = False
+        return done
 
     def _skip_or_raise(self, p: Problem, what: str) -> bool:
         step = self.scheduler.steps[p.name]

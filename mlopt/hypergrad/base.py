@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,7 +37,17 @@ __all__ = [
     "register_method",
     "resolve_method",
     "available_methods",
+    "create_graph_requested",
 ]
+
+_CREATE_GRAPH: contextvars.ContextVar[bool] = contextvars.ContextVar("create_graph", default=False)
+
+
+def create_graph_requested() -> bool:
+    """Whether the backward pass running a method's vjp was asked for ``create_graph=True``
+    (differentiating through a middle level): then the vjp's result must stay differentiable."""
+    return _CREATE_GRAPH.get()
+
 
 Vec = tuple[torch.Tensor, ...]
 
@@ -158,8 +169,13 @@ class _HypergradientNode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *cotangent):
-        with torch.enable_grad():
-            grads = ctx.vjp_fn(tuple(cotangent))
+        # grad mode is on here exactly when the caller asked for create_graph=True
+        token = _CREATE_GRAPH.set(torch.is_grad_enabled())
+        try:
+            with torch.enable_grad():
+                grads = ctx.vjp_fn(tuple(cotangent))
+        finally:
+            _CREATE_GRAPH.reset(token)
         if len(grads) != ctx.n_uppers:
             raise RuntimeError(
                 f"hypergradient vjp returned {len(grads)} tensors for {ctx.n_uppers} uppers"

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from mlopt.errors import ConfigError
-from mlopt.hypergrad.base import LowerContext, Method, Transition, Vec, register_method
+from mlopt.hypergrad.base import (
+    LowerContext,
+    Method,
+    Transition,
+    Vec,
+    create_graph_requested,
+    register_method,
+)
 
 __all__ = ["CG", "Neumann", "FixedPoint", "FiniteDifference", "Forward"]
 
@@ -35,12 +42,6 @@ def _nonneg(owner: str, name: str, value: Any, strict: bool = False) -> None:
     if not ok or value < 0 or (strict and value == 0):
         bound = "> 0" if strict else ">= 0"
         raise ConfigError(f"{owner}: {name} must be a number {bound}, got {value!r}")
-
-
-def _create_graph() -> bool:
-    # Inside an autograd node's backward, grad mode is on exactly when the caller asked for
-    # create_graph=True (differentiating through a middle level).
-    return torch.is_grad_enabled()
 
 
 @dataclass(repr=False)
@@ -72,7 +73,12 @@ class CG(Method):
             cg, iterations=self.iterations, tol=self.tol, damping=self.damping
         )
         return implicit_vjp(
-            ctx.grad_fn, ctx.params, ctx.uppers, cotangent, solve, create_graph=_create_graph()
+            ctx.grad_fn,
+            ctx.params,
+            ctx.uppers,
+            cotangent,
+            solve,
+            create_graph=create_graph_requested(),
         )
 
 
@@ -100,7 +106,12 @@ class Neumann(Method):
 
         solve = functools.partial(neumann, iterations=self.iterations, alpha=self.alpha)
         return implicit_vjp(
-            ctx.grad_fn, ctx.params, ctx.uppers, cotangent, solve, create_graph=_create_graph()
+            ctx.grad_fn,
+            ctx.params,
+            ctx.uppers,
+            cotangent,
+            solve,
+            create_graph=create_graph_requested(),
         )
 
 
@@ -131,7 +142,7 @@ class FixedPoint(Method):
             cotangent,
             iterations=self.iterations,
             tol=self.tol,
-            create_graph=_create_graph(),
+            create_graph=create_graph_requested(),
         )
 
 
