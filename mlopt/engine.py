@@ -34,7 +34,7 @@ from mlopt.errors import ConfigError, DependencyError
 from mlopt.graph import describe, normalize, validate
 from mlopt.loggers import make_logger
 from mlopt.problem import Problem
-from mlopt.stepper import Stepper
+from mlopt.stepper import Stepper, init_positions
 
 __all__ = ["Engine"]
 
@@ -49,6 +49,16 @@ def _choose_device(config: EngineConfig) -> torch.device:
     if config.strategy == "cuda" and not torch.cuda.is_available():
         raise ConfigError("EngineConfig(strategy='cuda') but CUDA is not available; use 'default'")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _restrict_to_optimizer(p: Problem) -> None:
+    """A problem's parameters are the trainable module parameters its optimizer updates."""
+    if p.optimizer is None or p._module is None:
+        return
+    in_opt = {id(q) for g in p.optimizer.param_groups for q in g["params"]}
+    p.__dict__["_names"] = [
+        n for n, q in p._module.named_parameters() if q.requires_grad and id(q) in in_opt
+    ]
 
 
 def _check_problem(p: Problem, problems: Mapping[str, Problem], uppers: Sequence[str]) -> None:
@@ -73,30 +83,23 @@ def _check_problem(p: Problem, problems: Mapping[str, Problem], uppers: Sequence
                 f"problem {p.name!r}: its optimizer holds {len(stray)} tensor(s) that are not "
                 "parameters of its module; build the optimizer from module.parameters()"
             )
-        in_opt = {id(q) for g in p.optimizer.param_groups for q in g["params"]}
-        p.__dict__["_names"] = [
-            n for n, q in p._module.named_parameters() if q.requires_grad and id(q) in in_opt
-        ]
     method = p.config.type
     init = p.config.initialize_from
     if init is not None:
-        if init not in problems:
-            raise ConfigError(
-                f"problem {p.name!r}: initialize_from={init!r} is not a problem of the engine"
-            )
+        init_positions(p, problems, init)  # raises on unknown problems or mismatched parameters
+        init = init.partition(".")[0]
         if init not in uppers:
             raise DependencyError(
                 f"problem {p.name!r}: initialize_from={init!r} must be one of its uppers; add "
                 f"{{{init!r}: [{p.name!r}]}} to u2l"
             )
-        mine = {n: tuple(q.shape) for n, q in zip(p._names, p._leaves())}
-        src = problems[init]
-        theirs = {n: tuple(q.shape) for n, q in zip(src._names, src._leaves())}
-        if mine != theirs:
-            raise ConfigError(
-                f"problem {p.name!r}: initialize_from={init!r} needs the same trainable parameter "
-                f"names and shapes; {p.name!r} has {mine}, {init!r} has {theirs}"
-            )
+    if type(p).learning_rates is not Problem.learning_rates and not (
+        uppers and method.differentiable_unroll
+    ):
+        raise ConfigError(
+            f"problem {p.name!r} overrides learning_rates(), which only a differentiable unroll "
+            "uses: give it an upper problem (u2l) and Config(type='reverse')"
+        )
     if getattr(method, "name", "") == "reptile" and init is None:
         raise ConfigError(
             f"problem {p.name!r}: Config(type='reptile') needs Config(initialize_from=<upper>)"
@@ -140,6 +143,9 @@ class Engine:
         for p in problems:
             if p.__dict__["_engine"] is not None and p.__dict__["_engine"] is not self:
                 raise ConfigError(f"problem {p.name!r} already belongs to another Engine")
+        for p in problems:
+            _restrict_to_optimizer(p)
+        for p in problems:
             _check_problem(p, self.problems_by_name, self.graph.hyper_uppers(p.name))
         self.device = _choose_device(config)
         self.distributed = None

@@ -122,6 +122,24 @@ class ModuleView:
             return lambda *a, **k: self._call_method(name, a, k)
         return attr
 
+    def __getitem__(self, key: int | str) -> Any:
+        """Items of container modules (Sequential, ModuleList, ParameterList, ...)."""
+        item = self._module[key]
+        if isinstance(key, int) and key < 0:
+            key += len(self._module)
+        if isinstance(item, nn.Module):
+            return ModuleView(item, self._params_fn, f"{self._prefix}{key}.")
+        params = self._params_fn()
+        name = f"{self._prefix}{key}"
+        return item if params is None or name not in params else params[name]
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __iter__(self) -> Any:
+        keys = self._module.keys() if hasattr(self._module, "keys") else range(len(self._module))
+        return (self[k] for k in keys)
+
     def _call_method(self, method: str, args: tuple, kwargs: dict):
         params = self._params_fn()
         if params is None:

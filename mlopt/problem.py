@@ -107,6 +107,13 @@ class Problem:
     def on_inner_loop_start(self) -> None:
         """Hook called at the start of each unroll window, before its first update."""
 
+    def learning_rates(self) -> list[Any] | None:
+        """Learning rates for a differentiable unroll, one per parameter tensor (None: the
+        optimizer's own). Override to use learned rates, e.g. Meta-SGD's per-element tensors
+        held by an upper problem: ``return list(self.outer.module.lrs)``. Entries may be
+        floats, tensors of the parameter's shape, or None (keep the group's rate)."""
+        return None
+
     @property
     def module(self) -> ModuleView | None:
         """The module, run with the problem's current parameters."""

@@ -87,10 +87,17 @@ class Stepper:
 
     def _upper_names(self, name: str) -> list[str]:
         out = list(self.graph.hyper_uppers(name))
-        init = self.problems[name].config.initialize_from
-        if init is not None and init not in out:
-            out.append(init)
+        spec = self.init_spec(self.problems[name])
+        if spec is not None and spec[0] not in out:
+            out.append(spec[0])
         return out
+
+    def init_spec(self, p: Problem) -> tuple[str, list[int]] | None:
+        """``(upper name, position in the upper's parameters of each of p's parameters)``."""
+        spec = p.config.initialize_from
+        if spec is None:
+            return None
+        return init_positions(p, self.problems, spec)
 
     # ------------------------------------------------------------------ activity
     @contextlib.contextmanager
@@ -149,7 +156,11 @@ class Stepper:
             slices[name] = slice(len(tensors), len(tensors) + len(cur))
             tensors.extend(cur)
         batch = problem.batch
-        init = problem.config.initialize_from
+        spec = self.init_spec(problem)
+        init = None
+        if spec is not None:
+            start = slices[spec[0]].start
+            init = tuple(start + i for i in spec[1])
         return LowerContext(
             name=problem.name,
             params=tuple(t.detach() for t in problem._current()),
@@ -157,7 +168,7 @@ class Stepper:
             uppers=tuple(tensors),
             loss_fn=lambda ps: self.loss_at(problem, ps, batch),
             lr=self.learning_rates(problem),
-            init=slices.get(init) if init is not None else None,
+            init=init,
             memory=self.memory.get(problem.name),
             step=self.scheduler.steps[problem.name],
             extra={"slices": slices},
@@ -178,9 +189,11 @@ class Stepper:
         if name in self.dopt and self.opt_state.get(name) is not None:
             self.dopt[name].commit(self.opt_state[name])
         p._commit()
-        init = p.config.initialize_from
-        if init is not None:
-            src = self.problems[init]._current()
+        spec = self.init_spec(p)
+        init = None if spec is None else spec[0]
+        if spec is not None:
+            full = self.problems[spec[0]]._current()
+            src = tuple(full[i] for i in spec[1])
             if diff:
                 # distinct tensors (views) so that ∂f/∂θ_0 is not confused with ∂f/∂φ
                 p._set_fast(tuple(t.view_as(t) for t in src))
@@ -249,8 +262,13 @@ class Stepper:
         if getattr(method, "needs_params_before", True) and self.uppers[name]:
             self.before[name] = tuple(t.detach().clone() for t in params)
         loss, metrics = self.loss(p, batch)
+        explicit = metrics.pop("gradient", None)
         self.metrics[name] = metrics
-        if loss is None:
+        if explicit is not None:
+            grads = explicit_gradient(p, params, explicit)
+            if loss is not None:
+                self.last_loss[name] = loss.detach()
+        elif loss is None:
             grads = tuple(torch.zeros_like(t) for t in params)
         else:
             if not all_finite([loss.detach()]):
@@ -316,7 +334,7 @@ class Stepper:
         if diff:
             with scaled_lr(p.optimizer, self._warmup(p)):
                 new, self.opt_state[name] = self.dopt[name].step(
-                    params, grads, self.opt_state[name]
+                    params, grads, self.opt_state[name], lr=p.learning_rates()
                 )
             p._set_fast(tuple(new))
             self.updates[name] += 1
@@ -356,7 +374,7 @@ class Stepper:
                 for up_name, sl in ctx.extra["slices"].items():
                     stack.enter_context(self.problems[up_name]._using(uppers[sl]))
                 grads = torch.func.grad(lambda q: self.loss_at(p, q, batch))(ps)
-                new, new_state = dopt.step(ps, grads, buffers)
+                new, new_state = dopt.step(ps, grads, buffers, lr=p.learning_rates())
             return tuple(new) + _flatten_state(keys, new_state)
 
         state = tuple(t.detach() for t in params) + _flatten_state(keys, self.opt_state[name])
@@ -368,6 +386,52 @@ class Stepper:
             n,
             init=ctx.init if first else None,
         )
+
+
+def init_positions(p: Problem, problems: dict[str, Problem], spec: str) -> tuple[str, list[int]]:
+    """Parse ``initialize_from`` (``"upper"`` or ``"upper.submodule"``) into the upper's name and
+    the position, among the upper's parameters, of each of ``p``'s parameters.
+
+    Raises:
+        ConfigError: unknown upper, or parameters of ``p`` with no same-shaped counterpart.
+    """
+    upper, _, path = spec.partition(".")
+    if upper not in problems:
+        raise ConfigError(
+            f"problem {p.name!r}: initialize_from={spec!r} is not a problem of the engine"
+        )
+    src = problems[upper]
+    prefix = f"{path}." if path else ""
+    pos = {n: i for i, n in enumerate(src._names)}
+    shapes = {n: tuple(t.shape) for n, t in zip(src._names, src._leaves())}
+    out, bad = [], []
+    for n, t in zip(p._names, p._leaves()):
+        key = prefix + n
+        if key not in pos or shapes[key] != tuple(t.shape):
+            bad.append(f"{n} {tuple(t.shape)}")
+        else:
+            out.append(pos[key])
+    if bad or not p._names:
+        where = f" under {path!r}" if path else ""
+        raise ConfigError(
+            f"problem {p.name!r}: initialize_from={spec!r} needs the same trainable parameter "
+            f"names and shapes in {upper!r}{where}; no match for {bad[:4]}; {upper!r} has "
+            f"{sorted(shapes.items())[:6]}"
+        )
+    return upper, out
+
+
+def explicit_gradient(p: Problem, params: Vec, given: Any) -> Vec:
+    """Validate a gradient returned by ``training_step`` as ``{"loss": ..., "gradient": ...}``."""
+    given = tuple(given)
+    if len(given) != len(params) or any(
+        not isinstance(g, torch.Tensor) or g.shape != t.shape for g, t in zip(given, params)
+    ):
+        raise ConfigError(
+            f"problem {p.name!r}: training_step's 'gradient' must hold one tensor per parameter "
+            f"of self.parameters() with the same shapes {[tuple(t.shape) for t in params]}"
+        )
+    return given
 
 
 def _detach_state(state: Any) -> Any:

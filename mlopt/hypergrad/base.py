@@ -66,7 +66,8 @@ class LowerContext:
         loss_fn: ``loss_fn(params) -> scalar``: the lower loss at ``params`` on its last batch,
             with ``uppers`` captured (differentiable with respect to both).
         lr: the lower's learning rate per parameter tensor (current value).
-        init: slice of ``uppers`` holding the meta-initialization tensors, or None.
+        init: indices into ``uppers`` of the meta-initialization tensors, aligned with
+            ``params`` (``uppers[init[i]]`` started ``params[i]``), or None.
         memory: what the method accumulated during the window (see :meth:`Method.after_step`).
         step: the lower's step counter (for messages).
     """
@@ -77,7 +78,7 @@ class LowerContext:
     uppers: Vec
     loss_fn: Callable[[Vec], torch.Tensor]
     lr: tuple[float, ...]
-    init: slice | None = None
+    init: tuple[int, ...] | None = None
     memory: Any = None
     step: int = 0
     extra: dict = field(default_factory=dict)
@@ -104,14 +105,14 @@ class Transition:
         state: the state before the update (detached).
         uppers: the upper tensors the update depends on.
         n_params: how many leading entries of ``state`` are parameters.
-        init: slice of ``uppers`` that initialized this window (at its first step), or None.
+        init: indices into ``uppers`` that initialized this window (at its first step), or None.
     """
 
     step_fn: Callable[[Vec, Vec], Vec]
     state: Vec
     uppers: Vec
     n_params: int
-    init: slice | None = None
+    init: tuple[int, ...] | None = None
 
 
 class Method:

@@ -21,11 +21,11 @@ from mlopt.hypergrad.base import LowerContext, Method, Vec, register_method, zer
 __all__ = ["FirstOrder", "Reptile", "first_order_vjp", "reptile_gradient"]
 
 
-def first_order_vjp(uppers: Vec, cotangent: Vec, init: slice | None) -> Vec:
+def first_order_vjp(uppers: Vec, cotangent: Vec, init: tuple[int, ...] | None) -> Vec:
     """Zero for every upper except the meta-initialization, which receives the cotangent."""
     out = list(zeros_for(uppers))
     if init is not None:
-        for i, v in zip(range(*init.indices(len(uppers))), cotangent):
+        for i, v in zip(init, cotangent):
             out[i] = out[i] + v
     return tuple(out)
 
@@ -59,9 +59,8 @@ class Reptile(Method):
         out = list(zeros_for(ctx.uppers))
         if ctx.init is None:
             return None
-        idx = range(*ctx.init.indices(len(ctx.uppers)))
-        init = tuple(ctx.uppers[i].detach() for i in idx)
-        for i, g in zip(idx, reptile_gradient(init, ctx.params)):
+        init = tuple(ctx.uppers[i].detach() for i in ctx.init)
+        for i, g in zip(ctx.init, reptile_gradient(init, ctx.params)):
             out[i] = g
         return tuple(out)
 

@@ -149,7 +149,7 @@ def initial_tangents(
             )
         tangents = list(given)
     if init is not None:
-        indices = range(len(uppers))[init]
+        indices = range(len(uppers))[init] if isinstance(init, slice) else tuple(init)
         offsets = _offsets(uppers)
         for i, k in enumerate(indices):
             u = uppers[k]
