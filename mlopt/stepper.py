@@ -166,13 +166,27 @@ class Stepper:
             params=tuple(t.detach() for t in problem._current()),
             params_before=self.before.get(problem.name),
             uppers=tuple(tensors),
-            loss_fn=lambda ps: self.loss_at(problem, ps, batch),
+            loss_fn=functools.partial(self.pinned_loss, problem, batch, tuple(tensors), slices),
             lr=self.learning_rates(problem),
             init=init,
             memory=self.memory.get(problem.name),
             step=self.scheduler.steps[problem.name],
             extra={"slices": slices},
         )
+
+    def pinned_loss(
+        self, problem: Problem, batch: Any, uppers: Vec, slices: dict[str, slice], params: Vec
+    ) -> torch.Tensor:
+        """``problem``'s loss at ``params`` with every upper pinned to the given tensors.
+
+        A method's vjp runs later, during an upper's backward pass, when the uppers' current
+        parameters may have changed (a middle level evaluating at temporary parameters): pinning
+        makes the closure depend on its captured tensors only.
+        """
+        with contextlib.ExitStack() as stack:
+            for name, sl in slices.items():
+                stack.enter_context(self.problems[name]._using(uppers[sl]))
+            return self.loss_at(problem, params, batch)
 
     def learning_rates(self, problem: Problem) -> tuple[float, ...]:
         """The current learning rate of each trainable parameter tensor."""
@@ -359,17 +373,33 @@ class Stepper:
             p.scheduler.step()
 
     def _transition(self, p: Problem, params: Vec) -> Transition:
-        """The pure update map of ``p`` over (parameters, optimizer state), for forward mode."""
+        """The pure update map of ``p`` over (parameters, optimizer buffers), for forward mode.
+
+        The layout is fixed over the window: buffers that the first update creates (momentum,
+        Adam moments) enter as zero placeholders the rule does not see until they exist.
+        Counters (Adam's ``step``) are constants of the map.
+        """
         name, batch = p.name, p.batch
         dopt = self.dopt.get(name)
         if dopt is None:
             raise ConfigError(f"problem {name!r}: forward mode needs an optimizer")
-        keys = _state_keys(self.opt_state[name])
+        # the lower steps with its own optimizer (forward mode is not a differentiable unroll),
+        # so its live state is in the optimizer
+        current = dopt.init_state(fresh=False)
         ctx = self.context(p)
         n = len(params)
+        with torch.no_grad():  # which buffers does an update create? (no loss evaluation)
+            probe = dopt.step(params, [torch.zeros_like(t) for t in params], current)[1]
+        keys = _state_keys(probe)
+        have = _state_keys(current)
+        static = [{k: v for k, v in st.items() if k not in ks} for st, ks in zip(current, keys)]
 
         def step_fn(state: Vec, uppers: Vec) -> Vec:
-            ps, buffers = state[:n], _unflatten_state(keys, state[n:])
+            ps, flat = state[:n], _unflatten_state(keys, state[n:])
+            buffers = [
+                {**st, **{k: v for k, v in fl.items() if k in hv}}
+                for st, fl, hv in zip(static, flat, have)
+            ]
             with contextlib.ExitStack() as stack:
                 for up_name, sl in ctx.extra["slices"].items():
                     stack.enter_context(self.problems[up_name]._using(uppers[sl]))
@@ -377,7 +407,13 @@ class Stepper:
                 new, new_state = dopt.step(ps, grads, buffers, lr=p.learning_rates())
             return tuple(new) + _flatten_state(keys, new_state)
 
-        state = tuple(t.detach() for t in params) + _flatten_state(keys, self.opt_state[name])
+        filled = [
+            {k: st.get(k, torch.zeros_like(t)) for k in ks}
+            for st, ks, t in zip(current, keys, params)
+        ]
+        state = tuple(t.detach() for t in params) + tuple(
+            v.detach() for v in _flatten_state(keys, filled)
+        )
         first = self.scheduler.window_count[name] == 0
         return Transition(
             step_fn,
