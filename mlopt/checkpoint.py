@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -62,8 +63,18 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def safe_load(path: str, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint without running code from it (``weights_only=True``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint without running code from it (``weights_only=True``).
+
+    Raises:
+        ConfigError: the file holds objects other than tensors and plain Python values.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"refusing to load {path!r}: it holds objects other than tensors and plain values "
+            f"(weights_only loading; nothing in it was run). Details: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def rng_state() -> dict:
@@ -95,19 +106,28 @@ def set_rng_state(state: dict) -> None:
 
 
 def at_boundary(engine: Engine) -> bool:
-    """Whether no differentiable problem is in the middle of an unroll window."""
+    """Whether no problem is inside an unroll window or between gradient-accumulation steps."""
+    return not _busy(engine)
+
+
+def _busy(engine: Engine) -> list[str]:
+    """Problems with transient state a checkpoint cannot hold: inside an unroll window (graph,
+    task batch, meta-initialization, method memory) or between gradient-accumulation steps."""
     st = engine.stepper
-    return all(st.scheduler.window_count[n] == 0 for n, diff in st.differentiable.items() if diff)
+    return [
+        n
+        for n in st.problems
+        if (st.uppers[n] and st.scheduler.window_count[n]) or st.accumulated[n]
+    ]
 
 
 def engine_state(engine: Engine) -> dict:
     """The engine's full state (tensors and plain values only)."""
     st = engine.stepper
     if not at_boundary(engine):
-        busy = [n for n, d in st.differentiable.items() if d and st.scheduler.window_count[n]]
         raise ConfigError(
-            f"cannot checkpoint in the middle of an unroll window of {busy}: its autograd graph "
-            "cannot be saved; checkpoint between windows (Engine.run() waits for one)"
+            f"cannot checkpoint in the middle of an unroll window or a gradient accumulation of "
+            f"{_busy(engine)}; checkpoint between windows (Engine.run() waits for one)"
         )
     st.sync_modules()
     problems = {}

@@ -67,6 +67,11 @@ class DataParallel:
         """Shard data, average gradients at optimizer steps, start from identical modules."""
         stepper.rank, stepper.world = self.rank, self.world
         stepper.reduce_grads = self.reduce_grads
+        # every rank walks the same data stream (shuffling uses torch's global generator):
+        # start all ranks from rank 0's generator state
+        state = torch.get_rng_state().to(self.device)
+        dist.broadcast(state, src=0)
+        torch.set_rng_state(state.cpu())
         for p in problems:
             if p._module is not None:
                 with torch.no_grad():

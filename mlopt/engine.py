@@ -100,6 +100,11 @@ def _check_problem(p: Problem, problems: Mapping[str, Problem], uppers: Sequence
             f"problem {p.name!r} overrides learning_rates(), which only a differentiable unroll "
             "uses: give it an upper problem (u2l) and Config(type='reverse')"
         )
+    if method.tracks_dynamics and uppers and p.config.gradient_clipping:
+        raise ConfigError(
+            f"problem {p.name!r}: gradient_clipping is not differentiated by forward mode; "
+            "remove it or use Config(type='reverse')"
+        )
     if getattr(method, "name", "") == "reptile" and init is None:
         raise ConfigError(
             f"problem {p.name!r}: Config(type='reptile') needs Config(initialize_from=<upper>)"
@@ -155,7 +160,7 @@ class Engine:
             self.distributed = DataParallel(self.device)
             self.device = self.distributed.device
         if config.seed is not None:
-            seed_everything(config.seed + (self.distributed.rank if self.distributed else 0))
+            seed_everything(config.seed)  # the same on every rank: see DataParallel.attach
         for p in problems:
             if p._module is not None:
                 p._module.to(self.device)
@@ -168,6 +173,7 @@ class Engine:
         self.best_metric = config.best_initial
         self.bad_validations = 0
         self.stopped = False
+        self._pending_best = False
         self.history: list[dict] = []
         self.logger = make_logger(config, rank=self.stepper.rank)
         if config.resume:
@@ -229,6 +235,9 @@ class Engine:
                 if pending_save and ckpt.at_boundary(self):
                     self.save_checkpoint()
                     pending_save = False
+                if self._pending_best and ckpt.at_boundary(self):
+                    self.save_checkpoint(name="best.pt")
+                    self._pending_best = False
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -239,7 +248,14 @@ class Engine:
                 bar.close()
         self.stepper.sync_modules()
         if cfg.checkpoint_dir:
-            self.save_checkpoint()
+            if ckpt.at_boundary(self):
+                self.save_checkpoint()
+            else:
+                log.warning(
+                    "iteration %d ends inside an unroll window: no final checkpoint (the last "
+                    "one is at the previous window boundary)",
+                    self.iteration,
+                )
         self.logger.flush()
         return {
             "iterations": self.iteration,
@@ -277,8 +293,8 @@ class Engine:
             )
             if better:
                 self.best_metric, self.bad_validations = value, 0
-                if cfg.checkpoint_dir:
-                    self.save_checkpoint(name="best.pt")
+                # saved at the next window boundary (an unroll's graph cannot be saved)
+                self._pending_best = bool(cfg.checkpoint_dir)
             else:
                 self.bad_validations += 1
                 if self.bad_validations >= cfg.early_stopping_patience:

@@ -243,8 +243,10 @@ class Problem:
         saved = torch.get_rng_state()
         torch.set_rng_state(state["rng"])
         d["_iter_rng"] = state["rng"]
-        d["_iter"] = iter(self.train_data_loader)
-        torch.set_rng_state(saved)
-        for _ in range(state["position"]):
-            next(d["_iter"])
-            d["_position"] += 1
+        try:  # replay under the saved state: samplers draw their seed lazily, at the first next()
+            d["_iter"] = iter(self.train_data_loader)
+            for _ in range(state["position"]):
+                next(d["_iter"])
+                d["_position"] += 1
+        finally:
+            torch.set_rng_state(saved)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlopt.step import all_finite, clip_by_total_norm, gradient, nonfinite_error
+from mlopt.step import all_finite, gradient, nonfinite_error, scaled_lr
 
 if TYPE_CHECKING:
     from mlopt.engine import Engine
@@ -58,10 +58,12 @@ def redo_window(engine: Engine, p: Problem, batches: list) -> None:
         grads = gradient(loss, params, create_graph=False)
         if not all_finite(list(grads)):
             raise nonfinite_error(p.name, st.scheduler.steps[p.name], "gradient (roll-back)")
-        grads = clip_by_total_norm(grads, p.config.gradient_clipping)
         for leaf, g in zip(params, grads):
             leaf.grad = g.detach()
-        p.optimizer.step()
+        if p.config.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(params, p.config.gradient_clipping)
+        with scaled_lr(p.optimizer, st._warmup(p)):
+            p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
 
 

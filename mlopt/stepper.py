@@ -269,11 +269,14 @@ class Stepper:
         self.window_batches[name].append(batch)
         diff = self.differentiable[name]
         method = cfg.type
-        if diff and method.truncate_at(cfg.unroll_steps) == sched.window_count[name]:
+        cut = method.truncate_at(cfg.unroll_steps) if diff else None
+        # updates before a truncation point keep no graph (constant memory in the window)
+        keep_graph = diff and (cut is None or sched.window_count[name] >= cut)
+        if cut is not None and cut == sched.window_count[name]:
             p._set_fast(tuple(t.detach().requires_grad_() for t in p._current()))
             self.opt_state[name] = _detach_state(self.opt_state.get(name))
         params = p._current()
-        if getattr(method, "needs_params_before", True) and self.uppers[name]:
+        if method.needs_params_before and self.uppers[name]:
             self.before[name] = tuple(t.detach().clone() for t in params)
         loss, metrics = self.loss(p, batch)
         explicit = metrics.pop("gradient", None)
@@ -288,15 +291,16 @@ class Stepper:
             if not all_finite([loss.detach()]):
                 return self._skip_or_raise(p, "loss")
             self.last_loss[name] = loss.detach()
-            grads = gradient(loss, params, create_graph=diff)
+            grads = gradient(loss, params, create_graph=keep_graph)
         grads = self._add_direct(p, grads)
         if not all_finite([g.detach() for g in grads]):
             return self._skip_or_raise(p, "gradient (hypergradient included)")
-        grads = clip_by_total_norm(grads, cfg.gradient_clipping)
+        if diff:  # one gradient per update: clip it here (differentiably)
+            grads = clip_by_total_norm(grads, cfg.gradient_clipping)
         transition = (
             self._transition(p, params) if method.tracks_dynamics and self.uppers[name] else None
         )
-        self._update(p, params, grads, diff)
+        self._update(p, params, grads, diff, keep_graph)
         if transition is not None:
             self.memory[name] = method.after_step(self.memory[name], transition)
         self._version += 1
@@ -317,7 +321,7 @@ class Stepper:
             RuntimeWarning,
             stacklevel=3,
         )
-        return self.scheduler.record_step(p.name)
+        return self._record(p.name)
 
     def _add_direct(self, p: Problem, grads: Vec) -> Vec:
         """Add gradients that lowers give regardless of the loss (Reptile)."""
@@ -341,19 +345,23 @@ class Stepper:
         w = p.config.warmup_steps
         return 1.0 if w == 0 else min(1.0, (self.updates[p.name] + 1) / w)
 
-    def _update(self, p: Problem, params: Vec, grads: Vec, diff: bool) -> None:
+    def _update(self, p: Problem, params: Vec, grads: Vec, diff: bool, keep_graph: bool) -> None:
         name, cfg = p.name, p.config
         if not params:
             return
         if diff:
-            with scaled_lr(p.optimizer, self._warmup(p)):
+            with scaled_lr(p.optimizer, self._warmup(p)), torch.set_grad_enabled(keep_graph):
                 new, self.opt_state[name] = self.dopt[name].step(
                     params, grads, self.opt_state[name], lr=p.learning_rates()
                 )
+            if not keep_graph:
+                new = tuple(t.detach().requires_grad_() for t in new)
             p._set_fast(tuple(new))
             self.updates[name] += 1
             if p.scheduler is not None:
-                p.scheduler.step()
+                with warnings.catch_warnings():  # the unroll never calls optimizer.step()
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    p.scheduler.step()
             return
         k = cfg.gradient_accumulation
         for leaf, g in zip(params, grads):
@@ -364,6 +372,8 @@ class Stepper:
             return
         if self.reduce_grads is not None:
             self.reduce_grads(params)
+        if cfg.gradient_clipping:  # the accumulated, averaged gradient, as torch users expect
+            torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clipping)
         with scaled_lr(p.optimizer, self._warmup(p)):
             p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
@@ -388,6 +398,7 @@ class Stepper:
         current = dopt.init_state(fresh=False)
         ctx = self.context(p)
         n = len(params)
+        warmup = self._warmup(p)
         with torch.no_grad():  # which buffers does an update create? (no loss evaluation)
             probe = dopt.step(params, [torch.zeros_like(t) for t in params], current)[1]
         keys = _state_keys(probe)
@@ -404,6 +415,7 @@ class Stepper:
                 for up_name, sl in ctx.extra["slices"].items():
                     stack.enter_context(self.problems[up_name]._using(uppers[sl]))
                 grads = torch.func.grad(lambda q: self.loss_at(p, q, batch))(ps)
+                stack.enter_context(scaled_lr(p.optimizer, warmup))
                 new, new_state = dopt.step(ps, grads, buffers, lr=p.learning_rates())
             return tuple(new) + _flatten_state(keys, new_state)
 

@@ -125,12 +125,14 @@ class Method:
         exposes_graph: the upper differentiates straight through the lower's unroll graph
             (reverse mode) instead of calling :meth:`vjp`.
         tracks_dynamics: :meth:`after_step` must be called after each lower update.
+        needs_params_before: the lower's parameters before its last update are kept (DARTS).
     """
 
     name: ClassVar[str] = ""
     differentiable_unroll: ClassVar[bool] = False
     exposes_graph: ClassVar[bool] = False
     tracks_dynamics: ClassVar[bool] = False
+    needs_params_before: ClassVar[bool] = False
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
         """Map ``v = ∂L_upper/∂θ`` to ``v^T dθ/dφ`` for each tensor of ``ctx.uppers``."""

@@ -157,6 +157,7 @@ class FiniteDifference(Method):
     epsilon: float = 0.01
 
     name = "finite_difference"
+    needs_params_before = True
 
     def __post_init__(self) -> None:
         _nonneg("FiniteDifference", "epsilon", self.epsilon, strict=True)

@@ -1,0 +1,145 @@
+"""Data parallelism: two CPU ranks (gloo) under torchrun against single-process references.
+
+The worker (tests/ddp_worker.py) runs with ``EngineConfig(strategy="ddp")`` and saves what each
+rank saw; the references are the same programs run in this process on each rank's shard of the
+data (batch ``k`` of a stream goes to rank ``k mod 2``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ddp_worker as W
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 120
+
+
+def _torchrun() -> str | None:
+    near = Path(sys.executable).with_name("torchrun")
+    if near.is_file():
+        return str(near)
+    return shutil.which("torchrun")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Run the worker on 2 ranks once; returns each rank's saved results."""
+    torchrun = _torchrun()
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter nor on PATH")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    out = tmp_path_factory.mktemp("ddp")
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(out)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s: {' '.join(cmd)}")
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    results[0]["ckpt_files"] = sorted(os.listdir(out / "ckpt"))
+    return results
+
+
+def _shard(data: list, rank: int) -> list:
+    return data[rank::2]
+
+
+def test_modules_start_identical(ranks):
+    # each rank built its own modules (hpo_modules(rank)); the engine broadcasts rank 0's
+    up0, low0 = W.hpo_modules(0)
+    up1, _ = W.hpo_modules(1)
+    assert not torch.equal(up0.weight, up1.weight)
+    for key in ("reverse_init", "fo_init"):
+        for r in ranks:
+            assert torch.equal(r[key][0], up0.weight.detach())
+            assert torch.equal(r[key][1], low0.weight.detach())
+
+
+def test_reverse_upper_gradient_is_mean_of_shard_gradients(ranks):
+    # each rank unrolls the lower locally on its shard; the upper's first gradient is the mean of
+    # the two single-process gradients on the shards, identical on both ranks
+    refs = []
+    for r in (0, 1):
+        engine, _, _, up_grads, _ = W.build_program(
+            "reverse",
+            2,
+            2,
+            lower_data=_shard(W.LOWER_DATA, r),
+            upper_data=_shard(W.UPPER_DATA, r),
+            engine_kw={"strategy": "cpu"},
+        )
+        engine.run()
+        assert len(up_grads) == 1
+        refs.append(up_grads[0][0])
+    assert not torch.allclose(refs[0], refs[1])  # the shards really differ
+    mean = (refs[0] + refs[1]) / 2
+    for r in ranks:
+        assert len(r["reverse_upper_grads"]) == 3
+        torch.testing.assert_close(r["reverse_upper_grads"][0], mean, rtol=1e-12, atol=1e-14)
+
+
+def test_reverse_upper_identical_on_both_ranks(ranks):
+    for k in range(3):
+        assert torch.equal(ranks[0]["reverse_upper_grads"][k], ranks[1]["reverse_upper_grads"][k])
+    assert torch.equal(ranks[0]["reverse_final_upper"], ranks[1]["reverse_final_upper"])
+    # plain SGD(lr=0.2) on the averaged gradients from the broadcast start
+    phi = W.hpo_modules(0)[0].weight.detach().clone()
+    for g in ranks[0]["reverse_upper_grads"]:
+        phi = phi - 0.2 * g
+    torch.testing.assert_close(ranks[0]["reverse_final_upper"], phi, rtol=1e-12, atol=1e-14)
+
+
+def test_first_order_lower_gradient_averaged_and_ranks_identical(ranks):
+    refs = []
+    for r in (0, 1):
+        engine, _, _, _, low_grads = W.build_program(
+            "first_order",
+            1,
+            1,
+            lower_data=_shard(W.LOWER_DATA, r),
+            upper_data=_shard(W.UPPER_DATA, r),
+            engine_kw={"strategy": "cpu"},
+        )
+        engine.run()
+        refs.append(low_grads[0][0])
+    mean = (refs[0] + refs[1]) / 2
+    for r in ranks:
+        assert len(r["fo_lower_grads"]) == 4
+        torch.testing.assert_close(r["fo_lower_grads"][0], mean, rtol=1e-12, atol=1e-14)
+    for a, b in zip(ranks[0]["fo_final"], ranks[1]["fo_final"]):
+        assert torch.equal(a, b)
+    for k in range(4):
+        assert torch.equal(ranks[0]["fo_lower_grads"][k], ranks[1]["fo_lower_grads"][k])
+        assert torch.equal(ranks[0]["fo_upper_grads"][k], ranks[1]["fo_upper_grads"][k])
+
+
+def test_validation_metrics_averaged_over_ranks(ranks):
+    expected = [{"iteration": i, "one": 1.0, "rank": 0.5} for i in (1, 2)]
+    assert ranks[0]["history"] == expected
+    assert ranks[1]["history"] == expected
+
+
+def test_checkpoints_written_once_by_rank_zero(ranks):
+    assert ranks[0]["ckpt_files"] == [
+        "iter_00000002.pt",
+        "iter_00000004.pt",
+        "iter_00000006.pt",
+        "last.pt",
+    ]
+
+
+def test_shuffled_loader_shards_partition_an_epoch(ranks):
+    # 4 iterations x 2 ranks = 8 draws = one epoch of the 8 samples
+    seen0, seen1 = ranks[0]["seen_shuffled"], ranks[1]["seen_shuffled"]
+    assert len(seen0) == len(seen1) == 4
+    assert sorted(seen0 + seen1) == list(range(8))
