@@ -19,7 +19,7 @@ same process.
 Run::
 
     python benchmarks/hypergrad_accuracy.py                 # mlopt only
-    /work/peers-venv/bin/python benchmarks/hypergrad_accuracy.py --out docs/hypergrad_accuracy.md
+    .peers-venv/bin/python benchmarks/hypergrad_accuracy.py --out table.md   # with Betty
 """
 
 from __future__ import annotations
