@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mlopt.errors import ConfigError
+from mlopt.errors import ConfigError, HypergradientError
 from mlopt.graph import Graph, Scheduler
 from mlopt.hypergrad.base import LowerContext, Transition, attach
 from mlopt.step import (
@@ -143,7 +143,7 @@ class Stepper:
         hit = self._cache.get(problem.name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        out = attach(ctx.params, ctx.uppers, functools.partial(method.vjp, ctx))
+        out = attach(ctx.params, ctx.uppers, functools.partial(_named_vjp, method, ctx))
         self._cache[problem.name] = (key, out)
         return out
 
@@ -291,7 +291,13 @@ class Stepper:
             if not all_finite([loss.detach()]):
                 return self._skip_or_raise(p, "loss")
             self.last_loss[name] = loss.detach()
-            grads = gradient(loss, params, create_graph=keep_graph)
+            try:
+                grads = gradient(loss, params, create_graph=keep_graph)
+            except HypergradientError as err:  # a lower's solver diverged in the backward pass
+                if cfg.on_nonfinite == "raise":
+                    step = sched.steps[name]
+                    raise HypergradientError(f"problem {name!r}, step {step}: {err}") from err
+                return self._skip_or_raise(p, f"hypergradient ({err})")
         grads = self._add_direct(p, grads)
         if not all_finite([g.detach() for g in grads]):
             return self._skip_or_raise(p, "gradient (hypergradient included)")
@@ -434,6 +440,16 @@ class Stepper:
             n,
             init=ctx.init if first else None,
         )
+
+
+def _named_vjp(method: Any, ctx: LowerContext, cotangent: Vec) -> Vec:
+    """``method.vjp`` whose errors name the lower problem they come from."""
+    try:
+        return method.vjp(ctx, cotangent)
+    except HypergradientError as err:
+        if str(err).startswith("hypergradient through"):
+            raise
+        raise HypergradientError(f"hypergradient through {ctx.name!r} ({method!r}): {err}") from err
 
 
 def init_positions(p: Problem, problems: dict[str, Problem], spec: str) -> tuple[str, list[int]]:
