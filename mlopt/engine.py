@@ -34,7 +34,8 @@ from mlopt.errors import ConfigError, DependencyError
 from mlopt.graph import describe, normalize, validate
 from mlopt.loggers import make_logger
 from mlopt.problem import Problem
-from mlopt.stepper import Stepper, init_positions
+from mlopt.stepper import Stepper
+from mlopt.wiring import init_positions
 
 __all__ = ["Engine"]
 
