@@ -28,6 +28,10 @@ from mlopt.hypergrad.base import (
     create_graph_requested,
     register_method,
 )
+from mlopt.hypergrad.finite_difference import darts_vjp
+from mlopt.hypergrad.forward import forward_unroll, forward_vjp
+from mlopt.hypergrad.implicit import fixed_point_vjp, implicit_vjp
+from mlopt.linalg import cg, neumann
 
 __all__ = ["CG", "Neumann", "FixedPoint", "FiniteDifference", "Forward"]
 
@@ -42,6 +46,18 @@ def _nonneg(owner: str, name: str, value: Any, strict: bool = False) -> None:
     if not ok or value < 0 or (strict and value == 0):
         bound = "> 0" if strict else ">= 0"
         raise ConfigError(f"{owner}: {name} must be a number {bound}, got {value!r}")
+
+
+def _implicit(ctx: LowerContext, cotangent: Vec, solve: Any) -> Vec:
+    """The implicit-function-theorem vjp at the lower's parameters, with ``solve`` injected."""
+    return implicit_vjp(
+        ctx.grad_fn,
+        ctx.params,
+        ctx.uppers,
+        cotangent,
+        solve,
+        create_graph=create_graph_requested(),
+    )
 
 
 @dataclass(repr=False)
@@ -66,20 +82,10 @@ class CG(Method):
         _nonneg("CG", "damping", self.damping)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        from mlopt.hypergrad.implicit import implicit_vjp
-        from mlopt.linalg import cg
-
         solve = functools.partial(
             cg, iterations=self.iterations, tol=self.tol, damping=self.damping
         )
-        return implicit_vjp(
-            ctx.grad_fn,
-            ctx.params,
-            ctx.uppers,
-            cotangent,
-            solve,
-            create_graph=create_graph_requested(),
-        )
+        return _implicit(ctx, cotangent, solve)
 
 
 @dataclass(repr=False)
@@ -101,18 +107,8 @@ class Neumann(Method):
         _nonneg("Neumann", "alpha", self.alpha, strict=True)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        from mlopt.hypergrad.implicit import implicit_vjp
-        from mlopt.linalg import neumann
-
         solve = functools.partial(neumann, iterations=self.iterations, alpha=self.alpha)
-        return implicit_vjp(
-            ctx.grad_fn,
-            ctx.params,
-            ctx.uppers,
-            cotangent,
-            solve,
-            create_graph=create_graph_requested(),
-        )
+        return _implicit(ctx, cotangent, solve)
 
 
 @dataclass(repr=False)
@@ -133,8 +129,6 @@ class FixedPoint(Method):
         _nonneg("FixedPoint", "tol", self.tol)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        from mlopt.hypergrad.implicit import fixed_point_vjp
-
         return fixed_point_vjp(
             ctx.step_fn,
             ctx.params,
@@ -163,8 +157,6 @@ class FiniteDifference(Method):
         _nonneg("FiniteDifference", "epsilon", self.epsilon, strict=True)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        from mlopt.hypergrad.finite_difference import darts_vjp
-
         before = ctx.params_before if ctx.params_before is not None else ctx.params
         return darts_vjp(ctx.loss_fn, before, ctx.uppers, cotangent, ctx.lr, epsilon=self.epsilon)
 
@@ -189,8 +181,6 @@ class Forward(Method):
         return None
 
     def after_step(self, memory: Any, transition: Transition) -> Any:
-        from mlopt.hypergrad.forward import forward_unroll
-
         tangent0 = memory
         _, tangents = forward_unroll(
             transition.step_fn,
@@ -204,8 +194,6 @@ class Forward(Method):
         return tangents
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        from mlopt.hypergrad.forward import forward_vjp
-
         if ctx.memory is None:
             return tuple(torch.zeros_like(u) for u in ctx.uppers)
         n = len(ctx.params)
