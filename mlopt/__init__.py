@@ -9,7 +9,7 @@ Example:
     ['cg', 'darts', 'finite_difference']
 """
 
-from mlopt import hypergrad
+from mlopt import dynamics, hypergrad
 from mlopt.config import Config, EngineConfig
 from mlopt.engine import Engine
 from mlopt.errors import ConfigError, DependencyError, HypergradientError, MLOptError
@@ -27,5 +27,6 @@ __all__ = [
     "ConfigError",
     "HypergradientError",
     "hypergrad",
+    "dynamics",
     "__version__",
 ]

@@ -50,9 +50,13 @@ def restore(p: Problem, snap: dict) -> None:
 def redo_window(engine: Engine, p: Problem, batches: list) -> None:
     """Replay the window's updates of ``p`` on ``batches`` with its own optimizer."""
     st = engine.stepper
-    for batch in batches:
+    for k, batch in enumerate(batches, start=1):
         params = p._current()
-        loss, _ = st.loss(p, batch)
+        st.replaying = (p.name, k)
+        try:
+            loss, _ = st.loss(p, batch)
+        finally:
+            st.replaying = None
         if loss is None:
             continue
         grads = gradient(loss, params, create_graph=False)

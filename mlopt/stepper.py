@@ -84,6 +84,7 @@ class Stepper:
         self.window_batches: dict[str, list] = {n: [] for n in problems}
         self.snapshots: dict[str, dict | None] = {}
         self.opened = dict.fromkeys(problems, False)
+        self.replaying: tuple[str, int] | None = None  # (problem, window position) in roll-back
         self.keep_snapshots = False  # EngineConfig.roll_back
         self.accumulated = dict.fromkeys(problems, 0)
         self.updates = dict.fromkeys(problems, 0)
@@ -259,6 +260,15 @@ class Stepper:
         for name in self.scheduler.order:
             if not self.opened[name] and self.scheduler.window_count[name] == 0:
                 self.begin_window(self.problems[name])
+
+    def window_position(self, name: str) -> int:
+        """1-based position of ``name``'s current (or replayed) update in its unroll window;
+        ``unroll_steps`` once the window has closed (an upper re-evaluating the last update)."""
+        if self.replaying is not None and self.replaying[0] == name:
+            return self.replaying[1]
+        if self.opened[name]:
+            return self.scheduler.window_count[name] + 1
+        return self.problems[name].config.unroll_steps
 
     def sync_modules(self) -> None:
         """Write fast weights and functional optimizer state into the modules and optimizers,
