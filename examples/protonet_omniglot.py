@@ -1,0 +1,111 @@
+"""Prototypical Networks on Omniglot's minimal splits: the metric-learning baseline.
+
+Snell, Swersky and Zemel (2017), "Prototypical Networks for Few-shot Learning": a Conv4 embeds
+the images; a query is classified by the nearest class mean (prototype) of the support
+embeddings in squared Euclidean distance. Training uses more ways than testing (60 here, as in
+the paper). One level only: the Engine runs a single problem.
+
+Run::
+
+    python examples/protonet_omniglot.py --train-ways 60 --minutes 16 --ways 20 \
+        --out results/protonet.json      # 20-way held-out accuracy and Lake's one-shot runs
+    python examples/protonet_omniglot.py --smoke
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mlopt
+from mlopt.data import EpisodicSampler
+from mlopt.models import Conv4
+
+try:
+    import omniglot_common as common
+except ImportError:  # imported as examples.protonet_omniglot
+    from examples import omniglot_common as common
+
+
+def prototype_logits(support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, ways: int):
+    """``-||q - c_k||²`` with ``c_k`` the mean support embedding of class ``k``."""
+    onehot = F.one_hot(labels, ways).to(support.dtype)
+    protos = onehot.T @ support / onehot.sum(0, keepdim=True).T
+    return -torch.cdist(query, protos).pow(2)
+
+
+def jitter(images: torch.Tensor, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.1):
+    """Random small affine distortion of each image (rotation, scale, translation)."""
+    n = len(images)
+    angle = (torch.rand(n) * 2 - 1) * degrees * torch.pi / 180
+    s = 1 + (torch.rand(n) * 2 - 1) * scale
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, (torch.rand(n) * 2 - 1) * shift], 1),
+            torch.stack([sin, cos, (torch.rand(n) * 2 - 1) * shift], 1),
+        ],
+        1,
+    ).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
+
+
+class ProtoNet(mlopt.Problem):
+    def __init__(self, *a, augment: bool = False, **k):
+        super().__init__(*a, **k)
+        self.augment = augment
+
+    def training_step(self, task):
+        sx, sy, qx, qy = task
+        images = torch.cat([sx, qx])
+        emb = self.module(jitter(images) if self.augment else images)
+        logits = prototype_logits(emb[: len(sx)], sy, emb[len(sx) :], int(sy.max()) + 1)
+        acc = (logits.argmax(-1) == qy).float().mean()
+        return {"loss": F.cross_entropy(logits, qy), "accuracy": acc}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__.split("\n")[0], outer_lr=1e-3, queries=5)
+    p.add_argument("--train-ways", type=int, default=60)
+    p.add_argument("--jitter", action="store_true", help="random affine distortions in training")
+    p.add_argument("--save", default=None, help="write the trained Conv4's state_dict here")
+    args = p.parse_args(argv)
+    common.setup(args)
+    if args.smoke:
+        args.train_ways = 5
+    train, test, runs = common.load_data(args)
+    net = Conv4(1, None, hidden=args.hidden, batch_norm="running")
+    sampler = EpisodicSampler(
+        train, args.train_ways, args.shots, args.queries, seed=args.seed, augment="rotate"
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=args.outer_lr)
+    proto = ProtoNet("protonet", net, opt, train_data_loader=sampler, augment=args.jitter)
+    engine = common.TimedEngine(
+        [proto], {}, common.timed_config(args.iterations), minutes=args.minutes
+    )
+    t0 = time.perf_counter()
+    engine.run()
+    train_seconds = time.perf_counter() - t0
+    net.eval()
+    if args.save:
+        torch.save(net.state_dict(), args.save)
+
+    @torch.no_grad()
+    def predict(sx, sy, qx):
+        ways = int(sy.max()) + 1
+        return prototype_logits(net(sx), sy, net(qx), ways).argmax(-1)
+
+    results = common.evaluate(args, predict, test, runs)  # --ways (20: with Lake's runs)
+    for ways in (5, 20):
+        if ways != args.ways:
+            other = common.evaluate(args, predict, test, runs, ways=ways)
+            results[f"{ways}way"] = {k: v for k, v in other.items() if k != "lake_error_percent"}
+    results.update(iterations=engine.iteration, train_seconds=round(train_seconds, 1))
+    return common.finish(args, "protonet", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Every Omniglot meta-learning example runs end to end in --smoke mode on the real data."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+CASES = [
+    ("maml_omniglot", ["--path", "engine"]),
+    ("maml_omniglot", ["--path", "vmap", "--ways", "20"]),
+    ("fomaml_omniglot", []),
+    ("reptile_omniglot", []),
+    ("metasgd_omniglot", []),
+    ("imaml_omniglot", []),
+    ("anil_omniglot", []),
+    ("mtnet_omniglot", []),
+    ("warpgrad_omniglot", []),
+    ("meta_feature_omniglot", ["--method", "cg"]),
+    ("meta_feature_omniglot", ["--method", "trhg"]),
+    ("protonet_omniglot", ["--ways", "20"]),
+]
+
+
+@pytest.fixture(scope="module")
+def examples_path():
+    sys.path.insert(0, str(EXAMPLES))
+    threads = torch.get_num_threads()
+    yield
+    sys.path.remove(str(EXAMPLES))
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("script", "extra"), CASES, ids=[" ".join([s, *e]) for s, e in CASES])
+def test_example_smoke(script, extra, omniglot_root, examples_path, tmp_path):
+    module = importlib.import_module(script)
+    out = tmp_path / "result.json"
+    result = module.main(["--smoke", "--data", str(omniglot_root), "--out", str(out), *extra])
+    assert out.is_file()
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["tasks"] == 3
+    assert math.isfinite(result["ci95"])
+    if "--ways" in extra and extra[extra.index("--ways") + 1] == "20":
+        assert 0.0 <= result["lake_error_percent"] <= 100.0
+
+
+def test_minimal_splits_union_and_character_hold_out(omniglot_root, examples_path):
+    from mlopt.meta.omniglot import mean_confidence_interval, split_characters
+
+    common = importlib.import_module("omniglot_common")
+    ds, _ = common._load(str(omniglot_root))  # load_minimal_splits, cached for the examples
+    assert ds.num_classes == 242 and len(ds) == 242 * 20  # Greek and Latin counted once
+    assert len(set(ds.characters)) == 242
+    train, test = split_characters(ds, 42, seed=0)
+    assert train.num_classes == 200 and test.num_classes == 42
+    assert not set(train.characters) & set(test.characters)  # whole characters held out
+    assert not set(train.files) & set(test.files)
+    mean, half = mean_confidence_interval([0.0, 1.0] * 300)
+    assert mean == 0.5 and half == round(1.96 * (600 / 599 * 0.25) ** 0.5 / 600**0.5, 4)
