@@ -139,6 +139,8 @@ def engine_state(engine: Engine) -> dict:
             entry["optimizer"] = p.optimizer.state_dict()
         if p.scheduler is not None and hasattr(p.scheduler, "state_dict"):
             entry["scheduler"] = p.scheduler.state_dict()
+        if name in st.scalers:
+            entry["scaler"] = st.scalers[name].state_dict()
         problems[name] = entry
     return {
         "format": _FORMAT,
@@ -172,6 +174,8 @@ def load_engine_state(engine: Engine, state: dict) -> None:
             p.optimizer.load_state_dict(entry["optimizer"])
         if p.scheduler is not None and "scheduler" in entry:
             p.scheduler.load_state_dict(entry["scheduler"])
+        if name in st.scalers and "scaler" in entry:
+            st.scalers[name].load_state_dict(entry["scaler"])
         p._load_data_state(entry["data"])
         st.opt_state[name] = None
         st.opened[name] = False

@@ -33,7 +33,7 @@ import torch
 
 from mlopt.errors import ConfigError, HypergradientError
 from mlopt.graph import Graph, Scheduler
-from mlopt.hypergrad.base import LowerContext, attach
+from mlopt.hypergrad.base import LowerContext, Method, attach
 from mlopt.step import (
     all_finite,
     autocast,
@@ -76,6 +76,13 @@ class Stepper:
         self.differentiable = {
             n: bool(self.uppers[n]) and p.config.type.differentiable_unroll
             for n, p in problems.items()
+        }
+        # fp16 loss scaling for updates taken by the user's optimizer (a differentiable unroll
+        # runs unscaled: use bf16 there)
+        self.scalers = {
+            n: torch.amp.GradScaler(device.type)
+            for n, p in problems.items()
+            if p.config.precision == "fp16" and not self.differentiable[n] and p.optimizer
         }
         self.dopt: dict[str, Any] = {}
         self.opt_state: dict[str, Any] = {}
@@ -318,15 +325,18 @@ class Stepper:
             if not all_finite([loss.detach()]):
                 return self._skip_or_raise(p, "loss")
             self.last_loss[name] = loss.detach()
+            scaler = self.scalers.get(name)
             try:
-                grads = gradient(loss, params, create_graph=keep_graph)
+                target = loss if scaler is None else scaler.scale(loss)
+                grads = gradient(target, params, create_graph=keep_graph)
             except HypergradientError as err:  # a lower's solver diverged in the backward pass
                 if cfg.on_nonfinite == "raise":
                     step = sched.steps[name]
                     raise HypergradientError(f"problem {name!r}, step {step}: {err}") from err
                 return self._skip_or_raise(p, f"hypergradient ({err})")
-        grads = self._add_direct(p, grads)
-        if not all_finite([g.detach() for g in grads]):
+        scaler = self.scalers.get(name)
+        grads = self._add_direct(p, grads, 1.0 if scaler is None else scaler.get_scale())
+        if scaler is None and not all_finite([g.detach() for g in grads]):
             return self._skip_or_raise(p, "gradient (hypergradient included)")
         if diff:  # one gradient per update: clip it here (differentiably)
             grads = clip_by_total_norm(grads, cfg.gradient_clipping)
@@ -358,14 +368,11 @@ class Stepper:
         )
         return self._record(p.name)
 
-    def _add_direct(self, p: Problem, grads: Vec) -> Vec:
+    def _add_direct(self, p: Problem, grads: Vec, scale: float = 1.0) -> Vec:
         """Add gradients that lowers give regardless of the loss (Reptile)."""
         for low_name in self.graph.u2l.get(p.name, ()):
             low = self.problems[low_name]
-            if (
-                type(low.config.type).direct_gradient
-                is type(low.config.type).__mro__[-2].direct_gradient
-            ):
+            if type(low.config.type).direct_gradient is Method.direct_gradient:
                 continue
             ctx = self.context(low)
             extra = low.config.type.direct_gradient(ctx)
@@ -373,7 +380,7 @@ class Stepper:
                 continue
             sl = ctx.extra["slices"].get(p.name)
             if sl is not None:
-                grads = tuple(g + e for g, e in zip(grads, extra[sl]))
+                grads = tuple(g + scale * e for g, e in zip(grads, extra[sl]))
         return grads
 
     def _warmup(self, p: Problem) -> float:
@@ -407,10 +414,17 @@ class Stepper:
             return
         if self.reduce_grads is not None:
             self.reduce_grads(params)
+        scaler = self.scalers.get(name)
+        if scaler is not None:  # fp16: overflowing steps are skipped and the scale lowered
+            scaler.unscale_(p.optimizer)
         if cfg.gradient_clipping:  # the accumulated, averaged gradient, as torch users expect
             torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clipping)
         with scaled_lr(p.optimizer, self._warmup(p)):
-            p.optimizer.step()
+            if scaler is None:
+                p.optimizer.step()
+            else:
+                scaler.step(p.optimizer)
+                scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
         self.accumulated[name] = 0
         self.updates[name] += 1

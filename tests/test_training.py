@@ -582,3 +582,36 @@ def test_resample_window_draws_one_batch_per_window(resample, expected):
     engine.run()
     assert [next(i for i, x in enumerate(XS) if x is b) for b in lower.seen] == expected
     assert lower.batch is XS[expected[-1]]
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_matches_unscaled_updates():
+    """fp16: the GradScaler's power-of-two scale cancels exactly; an overflow skips the step."""
+
+    class Quad(mlopt.Problem):
+        def training_step(self, batch):
+            return (self.module.weight**2).sum() * self.factor
+
+    def run(precision, factor, dtype=torch.float64):
+        m = nn.Linear(3, 1, bias=False).to(dtype)
+        torch.nn.init.constant_(m.weight, 0.5)
+        p = Quad(
+            "p",
+            m,
+            torch.optim.SGD(m.parameters(), lr=0.1),
+            config=mlopt.Config(precision=precision),
+        )
+        p.factor = factor
+        engine = mlopt.Engine([p], {}, mlopt.EngineConfig(train_iters=3))
+        engine.run()
+        return m.weight.detach().clone(), engine
+
+    w16, engine = run("fp16", 1.0)
+    w32, _ = run("fp32", 1.0)
+    torch.testing.assert_close(w16, w32, rtol=0, atol=0)
+    scaler = engine.stepper.scalers["p"]
+    assert scaler.get_scale() == 65536.0  # no overflow: the scale never dropped
+    # float32: the loss (7.5e34) is finite but 65536 times it overflows: every step is skipped
+    # (the scale halves each time, still too large) and the weights stay as they were
+    w_inf, engine = run("fp16", 1e35, torch.float32)
+    torch.testing.assert_close(w_inf, torch.full_like(w_inf, 0.5), rtol=0, atol=0)
+    assert engine.stepper.scalers["p"].get_scale() < 65536.0
