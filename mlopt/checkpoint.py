@@ -191,7 +191,7 @@ def load_engine_state(engine: Engine, state: dict) -> None:
 
 
 def save(engine: Engine, name: str | None = None) -> str | None:
-    """Write ``iter_XXXXXXXX.pt`` (or ``name``) and ``last.pt`` into the checkpoint folder."""
+    """Write ``iter_<iteration, 8 digits>.pt`` (or ``name``) and ``last.pt`` into the folder."""
     folder = engine.config.checkpoint_dir
     if folder is None:
         raise ConfigError("save_checkpoint needs EngineConfig(checkpoint_dir=...)")
