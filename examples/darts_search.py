@@ -32,9 +32,7 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +47,11 @@ from mlopt.models.darts import (
     derive_genotype,
     random_genotype,
 )
+
+try:
+    from seed_summary import save_json
+except ImportError:
+    from examples.seed_summary import save_json
 
 
 class Batches:
@@ -299,9 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{result['supernet_val_acc']:.4f}, genotype test acc {result['test_acc']:.4f}; random "
         f"genotypes {[round(r['test_acc'], 4) for r in result['random']]}"
     )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save_json(result, args.out)
     return result
 
 

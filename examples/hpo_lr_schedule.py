@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +39,11 @@ from torch import nn
 import mlopt
 from mlopt.dynamics import window_step
 from mlopt.models import MLP
+
+try:
+    from seed_summary import save_json, summarize
+except ImportError:
+    from examples.seed_summary import save_json, summarize
 
 
 class Schedule(nn.Module):
@@ -209,20 +212,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"loss {r['grid_test_loss']:.4f}, acc {r['grid_test_acc']:.4f} "
             f"({r['grid_seconds']:.1f}s)"
         )
-    summary = {}
-    for key in ("hyper_val_loss", "hyper_test_loss", "hyper_test_acc", "grid_val_loss"):
-        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-        summary[key] = float(values.mean())
-        summary[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
-    for key in ("grid_test_loss", "grid_test_acc"):
-        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-        summary[key] = float(values.mean())
-        summary[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+    keys = (
+        "hyper_val_loss",
+        "hyper_test_loss",
+        "hyper_test_acc",
+        "grid_val_loss",
+        "grid_test_loss",
+        "grid_test_acc",
+    )
+    summary = summarize(rows, keys)
     print("mean over seeds:", {k: round(v, 4) for k, v in summary.items()})
     result = {"args": vars(args), "rows": rows, "summary": summary}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save_json(result, args.out)
     return result
 
 

@@ -24,16 +24,19 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import mlopt
+
+try:
+    from seed_summary import save_json, summarize
+except ImportError:
+    from examples.seed_summary import save_json, summarize
 
 
 def make_data(seed: int, n_train: int = 60, n_val: int = 200, d: int = 40, informative: int = 5):
@@ -176,17 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"({r['hyper_seconds']:.1f}s) | grid ({r['grid_points']} points) val "
             f"{r['grid_val']:.4f} test {r['grid_test']:.4f} ({r['grid_seconds']:.1f}s)"
         )
-    summary = {}
-    for key in ("hyper_val", "hyper_test", "grid_val", "grid_test"):
-        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-        summary[key] = float(values.mean())
-        summary[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+    summary = summarize(rows, ("hyper_val", "hyper_test", "grid_val", "grid_test"))
     print("mean over seeds:", {k: round(v, 4) for k, v in summary.items()})
     result = {"args": vars(args), "rows": rows, "summary": summary}
     assert all(math.isfinite(v) for v in summary.values())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save_json(result, args.out)
     return result
 
 

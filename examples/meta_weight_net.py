@@ -23,9 +23,7 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +31,11 @@ from torch import nn
 
 import mlopt
 from mlopt.models import MLP
+
+try:
+    from seed_summary import save_json, summarize
+except ImportError:
+    from examples.seed_summary import save_json, summarize
 
 
 class WeightNet(nn.Module):
@@ -195,16 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['class_balanced']:.4f}, Meta-Weight-Net {row['meta_weight_net']:.4f} "
             f"({seconds:.1f}s)"
         )
-    summary = {}
-    for key in ("plain", "class_balanced", "meta_weight_net"):
-        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-        summary[key] = float(values.mean())
-        summary[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+    summary = summarize(rows, ("plain", "class_balanced", "meta_weight_net"))
     print("mean over seeds:", {k: round(v, 4) for k, v in summary.items()})
     result = {"args": vars(args), "rows": rows, "summary": summary}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save_json(result, args.out)
     return result
 
 
