@@ -33,6 +33,7 @@ __all__ = [
     "setup",
     "load_data",
     "task_stream",
+    "alphabets",
     "TimedEngine",
     "maml_predictor",
     "evaluate",
@@ -58,7 +59,17 @@ def parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64, help="Conv4 filters")
     p.add_argument("--minutes", type=float, default=8.0, help="meta-training time budget")
     p.add_argument("--iterations", type=int, default=10**6, help="max meta-updates")
-    p.add_argument("--held-out", type=int, default=42, help="characters held out for testing")
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=42,
+        help="characters held out for testing; 0 trains on all 242 (then only Lake's runs test)",
+    )
+    p.add_argument(
+        "--within-alphabet",
+        action="store_true",
+        help="meta-training tasks draw all classes from one alphabet, as Lake's runs do",
+    )
     p.add_argument("--test-tasks", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -89,16 +100,33 @@ def _load(root: str) -> tuple:
 
 
 def load_data(args: argparse.Namespace) -> tuple:
-    """``(train, test, runs)``: meta-training characters, held-out characters, Lake's runs."""
+    """``(train, test, runs)``: meta-training characters, held-out characters, Lake's runs.
+
+    With ``--held-out 0`` every character trains and ``test`` is ``None``: only Lake's runs
+    (20-way, evaluation alphabets) are left to test on.
+    """
     ds, runs = _load(str(Path(args.data).expanduser()))
+    if args.held_out == 0:
+        if args.ways != 20 or args.shots != 1 or runs is None:
+            raise mlopt.ConfigError(
+                "--held-out 0 leaves only Lake's 20-way one-shot runs to test on: use "
+                "--ways 20 --shots 1 with the runs under --data, or hold characters out"
+            )
+        return ds, None, runs
     train, test = split_characters(ds, args.held_out, seed=args.seed)
     return train, test, runs
 
 
+def alphabets(data: Any) -> list[str]:
+    """The alphabet of each class label: ``groups=`` for within-alphabet tasks."""
+    return [alphabet for alphabet, _ in data.characters]
+
+
 def task_stream(args: argparse.Namespace, train: Any) -> EpisodicSampler:
     """Meta-training tasks: rotated classes are new classes (Santoro et al. 2016)."""
+    groups = alphabets(train) if args.within_alphabet else None
     return EpisodicSampler(
-        train, args.ways, args.shots, args.queries, seed=args.seed, augment="rotate"
+        train, args.ways, args.shots, args.queries, seed=args.seed, augment="rotate", groups=groups
     )
 
 
@@ -149,8 +177,10 @@ def evaluate(
     """Held-out N-way accuracy (95% CI) and, for 20-way, the error on Lake's one-shot runs."""
     t0 = time.perf_counter()
     ways = args.ways if ways is None else ways
-    sampler = EpisodicSampler(test, ways, args.shots, args.test_queries, seed=10_000)
-    out = evaluate_tasks(predict, sampler, args.test_tasks)
+    out = {}
+    if test is not None:
+        sampler = EpisodicSampler(test, ways, args.shots, args.test_queries, seed=10_000)
+        out = evaluate_tasks(predict, sampler, args.test_tasks)
     if ways == 20 and args.shots == 1 and runs is not None:
         runs = runs[:2] if args.smoke else runs
         lake = lambda tr, te: predict(tr, torch.arange(len(tr)), te)  # noqa: E731
@@ -170,10 +200,15 @@ def finish(args: argparse.Namespace, name: str, results: dict) -> dict:
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
         **results,
     }
-    msg = f"{name} {args.ways}-way {args.shots}-shot: accuracy {results['accuracy']:.4f}"
-    msg += f" ± {results['ci95']:.4f} over {results['tasks']} held-out tasks"
+    parts = []
+    if "accuracy" in results:
+        parts.append(
+            f"accuracy {results['accuracy']:.4f} ± {results['ci95']:.4f} over "
+            f"{results['tasks']} held-out tasks"
+        )
     if "lake_error_percent" in results:
-        msg += f"; Lake's 20 one-shot runs: {results['lake_error_percent']:.2f}% errors"
+        parts.append(f"Lake's 20 one-shot runs: {results['lake_error_percent']:.2f}% errors")
+    msg = f"{name} {args.ways}-way {args.shots}-shot: " + "; ".join(parts)
     print(msg)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
     train, test, runs = common.load_data(args)
     net = Conv4(1, None, hidden=args.hidden, batch_norm="running")
     sampler = EpisodicSampler(
-        train, args.train_ways, args.shots, args.queries, seed=args.seed, augment="rotate"
+        train,
+        args.train_ways,
+        args.shots,
+        args.queries,
+        seed=args.seed,
+        augment="rotate",
+        groups=common.alphabets(train) if args.within_alphabet else None,
     )
     opt = torch.optim.Adam(net.parameters(), lr=args.outer_lr)
     proto = ProtoNet("protonet", net, opt, train_data_loader=sampler, augment=args.jitter)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = common.evaluate(args, predict, test, runs)  # --ways (20: with Lake's runs)
     for ways in (5, 20):
-        if ways != args.ways:
+        if ways != args.ways and test is not None:
             other = common.evaluate(args, predict, test, runs, ways=ways)
             results[f"{ways}way"] = {k: v for k, v in other.items() if k != "lake_error_percent"}
     results.update(iterations=engine.iteration, train_seconds=round(train_seconds, 1))

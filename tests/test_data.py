@@ -122,6 +122,31 @@ def test_sampler_rotation_classes(toy):
     assert seen == {0, 90, 180, 270}
 
 
+def test_sampler_groups_draw_each_task_from_one_group_at_one_rotation(toy):
+    x, y = toy
+    groups = ["a"] * 5 + ["b"] * 4 + ["c"] * 3  # c is too small for 4-way tasks
+    sampler = EpisodicSampler((x, y), 4, 1, 2, seed=0, augment="rotate", groups=groups)
+    drawn, turns = set(), set()
+    for i in range(60):
+        info = sampler.task_info(i)
+        classes = info.classes.tolist()
+        assert len(set(classes)) == 4 and len({groups[c] for c in classes}) == 1
+        assert len(set(info.rotations.tolist())) == 1
+        drawn.update(classes)
+        turns.add(int(info.rotations[0]))
+        task = sampler[i]
+        for img, label, j in zip(task.query_x, task.query_y, info.query_indices, strict=True):
+            k = int(info.rotations[label]) // 90
+            assert torch.equal(img, torch.rot90(x[j], k, dims=(-2, -1)))
+    assert drawn == set(range(9)) and turns == {0, 90, 180, 270}
+    again = EpisodicSampler((x, y), 4, 1, 2, seed=0, augment="rotate", groups=groups)
+    assert torch.equal(again.task_info(7).classes, sampler.task_info(7).classes)
+    with pytest.raises(ConfigError, match="largest has 5"):
+        EpisodicSampler((x, y), 6, 1, 2, groups=groups)
+    with pytest.raises(ConfigError, match="one entry per class label"):
+        EpisodicSampler((x, y), 2, 1, 2, groups=groups[:5])
+
+
 def test_sampler_custom_augment_is_deterministic(toy):
     x, y = toy
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlopt.errors import ConfigError
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 CASES = [
@@ -47,6 +49,17 @@ def test_example_smoke(script, extra, omniglot_root, examples_path, tmp_path):
     assert math.isfinite(result["ci95"])
     if "--ways" in extra and extra[extra.index("--ways") + 1] == "20":
         assert 0.0 <= result["lake_error_percent"] <= 100.0
+
+
+@pytest.mark.parametrize("script", ["protonet_omniglot", "maml_omniglot"])
+def test_all_characters_train_and_within_alphabet_tasks(script, omniglot_root, examples_path):
+    module = importlib.import_module(script)
+    args = ["--smoke", "--data", str(omniglot_root), "--ways", "20", "--held-out", "0"]
+    result = module.main([*args, "--within-alphabet"])
+    assert "accuracy" not in result and result["config"]["held_out"] == 0
+    assert 0.0 <= result["lake_error_percent"] <= 100.0
+    with pytest.raises(ConfigError, match="--held-out 0 leaves only Lake's 20-way"):
+        module.main(["--smoke", "--data", str(omniglot_root), "--held-out", "0"])
 
 
 def test_minimal_splits_union_and_character_hold_out(omniglot_root, examples_path):

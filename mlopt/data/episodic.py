@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -155,6 +155,11 @@ class EpisodicSampler:
             ``augment(images, generator) -> images`` applied to the support and query sets.
         num_tasks: if given, the sampler has this length and iteration stops there;
             otherwise iteration is infinite and ``len()`` is undefined.
+        groups: ``None``, or ``groups[c]`` the group (any hashable, e.g. the alphabet of an
+            Omniglot character) of class label ``c``. Each task then draws its N classes from
+            one group, at one rotation: Lake et al.'s within-alphabet tasks. A group is chosen
+            with probability proportional to its number of eligible classes; groups with
+            fewer than N eligible classes are never chosen.
 
     Example:
         >>> X, y = torch.randn(40, 1, 4, 4), torch.arange(40) % 4
@@ -173,6 +178,7 @@ class EpisodicSampler:
         seed: int = 0,
         augment: str | Augment | None = None,
         num_tasks: int | None = None,
+        groups: Sequence[Hashable] | Tensor | None = None,
     ) -> None:
         for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0)):
             if not isinstance(value, int) or value < low:
@@ -202,6 +208,29 @@ class EpisodicSampler:
                 f"{ways} classes with >= {need} examples each, but only {available} qualify; "
                 "lower ways/shots/queries or use a larger dataset"
             )
+        self._groups = None if groups is None else self._group_members(groups)
+
+    def _group_members(self, groups: Sequence[Hashable] | Tensor) -> list[Tensor]:
+        """Positions in ``self.classes`` of each group with at least ``ways`` classes."""
+        groups = groups.tolist() if isinstance(groups, Tensor) else list(groups)
+        top = int(self.labels.max()) if len(self.labels) else -1
+        if len(groups) <= top or int(self.labels.min()) < 0:
+            raise ConfigError(
+                f"EpisodicSampler: groups needs one entry per class label 0..{top}, "
+                f"got {len(groups)}"
+            )
+        members: dict[Hashable, list[int]] = {}
+        for pos, c in enumerate(self.classes.tolist()):
+            members.setdefault(groups[c], []).append(pos)
+        eligible = [torch.tensor(m) for m in members.values() if len(m) >= self.ways]
+        if not eligible:
+            largest = max((len(m) for m in members.values()), default=0)
+            raise ConfigError(
+                f"EpisodicSampler: {self.ways}-way tasks within a group need a group of >= "
+                f"{self.ways} classes with >= {self.shots + self.queries} examples each; the "
+                f"largest has {largest}: lower ways or drop groups="
+            )
+        return eligible
 
     @property
     def num_classes(self) -> int:
@@ -228,9 +257,17 @@ class EpisodicSampler:
         """The classes, rotations and dataset indices task ``index`` is built from."""
         gen = task_generator(self.seed, self._check_index(index))
         n_rot = len(self._rotations)
-        picks = torch.randperm(self.num_classes, generator=gen)[: self.ways]
-        classes = self.classes[picks // n_rot]
-        rotations = torch.tensor(self._rotations, dtype=torch.long)[picks % n_rot]
+        if self._groups is None:
+            picks = torch.randperm(self.num_classes, generator=gen)[: self.ways]
+            classes = self.classes[picks // n_rot]
+            rotations = torch.tensor(self._rotations, dtype=torch.long)[picks % n_rot]
+        else:
+            sizes = torch.tensor([float(len(m)) for m in self._groups])
+            members = self._groups[int(torch.multinomial(sizes, 1, generator=gen))]
+            classes = self.classes[members[torch.randperm(len(members), generator=gen)]]
+            classes = classes[: self.ways]
+            turn = int(torch.randint(n_rot, (1,), generator=gen))
+            rotations = torch.full((self.ways,), self._rotations[turn], dtype=torch.long)
         support, query = [], []
         for c in classes.tolist():
             pool = self._class_indices[c]
