@@ -8,13 +8,13 @@ Two problems, float64, through the public Problem/Engine API:
   to a gradient norm below 1e-10 (L-BFGS) and the exact hypergradient uses the dense Hessian.
 
 Implicit methods (cg, neumann, fixed_point) start the lower at the solution and vary their solver
-iterations; unrolled methods (reverse, truncated reverse, forward, first_order, finite_difference)
-start from a fixed initial point and vary the unroll length T (lr = 1/L). For each: relative
-error and cosine to the exact hypergradient, median wall time of one hypergradient (one upper step,
-lower updates included), and peak tensor memory (CUDA: max allocated; CPU: the running sum of
-the profiler's allocation events). When betty-ml is importable (the peers environment, see
-benchmarks/README.md), Betty 0.2.1's darts, neumann and cg run on the same ridge problem in the
-same process.
+iterations; unrolled methods (reverse, truncated and checkpointed reverse, forward, first_order,
+finite_difference) start from a fixed initial point and vary the unroll length T (lr = 1/L).
+For each: relative error and cosine to the exact hypergradient, median wall time of one
+hypergradient (one upper step, lower updates included), and peak tensor memory (CUDA: max
+allocated; CPU: the running sum of the profiler's allocation events). When betty-ml is
+importable (the peers environment, see benchmarks/README.md), Betty 0.2.1's darts, neumann and cg
+run on the same ridge problem in the same process.
 
 Run::
 
@@ -298,6 +298,13 @@ def main(argv=None) -> list[str]:
             add("reverse", t, functools.partial(run, Reverse(), w0, lr, t))
         for t in ts[1:]:
             add("reverse truncate=10", t, functools.partial(run, Reverse(truncate=10), w0, lr, t))
+        for t in ts[1:]:
+            k = max(1, round(math.sqrt(t)))
+            add(
+                f"reverse checkpoint=√T ({k})",
+                t,
+                functools.partial(run, Reverse(checkpoint=k), w0, lr, t),
+            )
         for t in ts[:4]:
             add("forward", t, functools.partial(run, Forward(), w0, lr, t))
         add(

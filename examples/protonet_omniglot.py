@@ -7,6 +7,10 @@ the paper). One level only: the Engine runs a single problem.
 
 Run::
 
+    # Lake's 20 one-shot runs after training on all 242 characters with within-alphabet
+    # 20-way episodes (the best configuration measured here, docs/meta_learning.md)
+    python examples/protonet_omniglot.py --ways 20 --held-out 0 --train-ways 20 \
+        --within-alphabet --jitter --minutes 16
     python examples/protonet_omniglot.py --train-ways 60 --minutes 16 --ways 20 \
         --out results/protonet.json      # 20-way held-out accuracy and Lake's one-shot runs
     python examples/protonet_omniglot.py --smoke

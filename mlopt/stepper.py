@@ -34,6 +34,7 @@ import torch
 from mlopt.errors import ConfigError, HypergradientError
 from mlopt.graph import Graph, Scheduler
 from mlopt.hypergrad.base import LowerContext, Method, attach
+from mlopt.segments import Segment, StepRecord, close_segment, record_rng, same_rng
 from mlopt.step import (
     all_finite,
     autocast,
@@ -102,8 +103,17 @@ class Stepper:
         self._active: list[Problem] = []
         self._version = 0
         self._cache: dict[str, tuple] = {}
+        self.segments: dict[str, Any] = {}  # Reverse(checkpoint=k): the open segment
         for name, p in problems.items():
             m = p.config.type
+            if getattr(m, "checkpoint", None) and (
+                graph.u2l.get(name) or any(self.differentiable[u] for u in self.uppers[name])
+            ):
+                raise ConfigError(
+                    f"problem {name!r}: {m!r} replays its updates in the backward pass, which "
+                    "needs a problem without lowers whose uppers are not unrolled "
+                    "differentiably themselves; use checkpoint=None there"
+                )
             if self.differentiable[name] or (m.tracks_dynamics and self.uppers[name]):
                 from mlopt.optim import DifferentiableOptimizer
 
@@ -157,6 +167,8 @@ class Stepper:
         if reader is problem or problem.name not in self.reads[reader.name]:
             return None
         method = problem.config.type
+        if self.segments.get(problem.name) is not None:  # read in mid-segment: join it now
+            self._close_segment(problem)
         if method.exposes_graph and problem._fast is not None and self.differentiable[problem.name]:
             return problem._fast
         ctx = self.context(problem)
@@ -251,6 +263,7 @@ class Stepper:
             self.opt_state[name] = self.dopt[name].init_state(fresh=init is not None)
         self.memory[name] = p.config.type.begin_window() if p.config.type.tracks_dynamics else None
         self.window_batches[name] = []
+        self.segments.pop(name, None)
         self.opened[name] = True
         if self.keep_snapshots and self.uppers[name] and p.optimizer is not None:
             from mlopt.rollback import snapshot
@@ -309,6 +322,12 @@ class Stepper:
         if cut is not None and cut == sched.window_count[name]:
             p._set_fast(tuple(t.detach().requires_grad_() for t in p._current()))
             self.opt_state[name] = detach_state(self.opt_state.get(name))
+        segment = None
+        if keep_graph and getattr(method, "checkpoint", None):  # no graph now: replayed later
+            segment, keep_graph = self._open_segment(p), False
+            rng = record_rng(self.device)  # stored only where the RNG moved between updates
+            stored_rng = None if segment.steps and same_rng(rng, segment.rng_after) else rng
+            position = self.window_position(name)
         params = p._current()
         if method.needs_params_before and self.uppers[name]:
             self.before[name] = tuple(t.detach().clone() for t in params)
@@ -345,11 +364,34 @@ class Stepper:
             if method.tracks_dynamics and self.uppers[name]
             else None
         )
+        if segment is not None:
+            lrs = [g["lr"] * self._warmup(p) for g in p.optimizer.param_groups]
+            segment.steps.append(StepRecord(batch, stored_rng, lrs, position))
+            segment.rng_after = record_rng(self.device)
         self._update(p, params, grads, diff, keep_graph)
+        if segment is not None and (
+            len(segment.steps) == method.checkpoint
+            or sched.window_count[name] + 1 >= cfg.unroll_steps
+        ):
+            self._close_segment(p)
         if transition is not None:
             self.memory[name] = method.after_step(self.memory[name], transition)
         self._version += 1
         return self._record(name)
+
+    def _open_segment(self, p: Problem) -> Segment:
+        seg = self.segments.get(p.name)
+        if seg is None:
+            ctx = self.context(p)
+            seg = Segment(p._current(), self.opt_state.get(p.name), ctx.uppers, ctx.extra["slices"])
+            self.segments[p.name] = seg
+        return seg
+
+    def _close_segment(self, p: Problem) -> None:
+        seg = self.segments.pop(p.name, None)
+        if seg is not None and seg.steps:
+            close_segment(self, p, seg)
+        self._version += 1
 
     def _record(self, name: str) -> bool:
         done = self.scheduler.record_step(name)

@@ -3,7 +3,9 @@
 The lower problem's updates ``θ_{t+1} = Φ(θ_t, φ)`` are recorded by autograd (``create_graph``);
 the upper's gradient is the vector-Jacobian product of ``θ_T`` with the upper cotangent
 (Franceschi et al. 2017, Finn et al. 2017). ``Reverse(truncate=K)`` keeps the graph of the last
-``K`` updates only (Shaban et al. 2019).
+``K`` updates only (Shaban et al. 2019). ``Reverse(checkpoint=k)`` keeps no graph during the
+unroll and recomputes it ``k`` updates at a time in the backward pass (:mod:`mlopt.segments`):
+the same gradient with memory that grows as ``T/k + k`` instead of ``T``.
 
 Truncation convention: ``truncate=K`` backpropagates through the LAST ``K`` updates of each unroll
 window, as BOML's truncated RHG does. (BOAT's ``truncate_iter`` counts the other way: it skips the
@@ -58,9 +60,18 @@ class Reverse(Method):
     Args:
         truncate: backpropagate through the last ``truncate`` updates of each window only
             (None: all of them).
+        checkpoint: recompute the unroll in segments of this many updates in the backward pass
+            instead of keeping its graph (None: keep it). About ``√unroll_steps`` minimizes
+            memory; the gradient is the same, at the cost of computing each update twice.
+            Needs a lower problem without lowers of its own.
+
+    Example:
+        >>> Reverse(truncate=10, checkpoint=4)
+        Reverse(truncate=10, checkpoint=4)
     """
 
     truncate: int | None = None
+    checkpoint: int | None = None
 
     name = "reverse"
     differentiable_unroll = True
@@ -69,9 +80,10 @@ class Reverse(Method):
     def __post_init__(self) -> None:
         from mlopt.errors import ConfigError
 
-        t = self.truncate
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
-            raise ConfigError(f"Reverse: truncate must be None or an integer >= 1, got {t!r}")
+        for field in ("truncate", "checkpoint"):
+            t = getattr(self, field)
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+                raise ConfigError(f"Reverse: {field} must be None or an integer >= 1, got {t!r}")
 
     def truncate_at(self, unroll_steps: int) -> int | None:
         if self.truncate is None or self.truncate >= unroll_steps:

@@ -18,7 +18,7 @@ from scratch on top of the shared (upper) feature extractor. Call it from the lo
 Example:
     >>> import mlopt, mlopt.meta
     >>> mlopt.Config(type="warpgrad", unroll_steps=5, initialize_from="outer.model").type
-    WarpGrad(truncate=1, init='reptile')
+    WarpGrad(truncate=1, checkpoint=None, init='reptile')
 """
 
 from __future__ import annotations
