@@ -14,8 +14,6 @@ Run::
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -64,23 +62,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.optim.Adam(net.parameters(), lr=args.outer_lr),
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
     )
-    engine = common.TimedEngine(
-        [meta, task],
-        {"u2l": {meta: [task]}, "l2u": {task: [meta]}},
-        common.timed_config(args.iterations * args.meta_batch * args.inner_steps),
-        minutes=args.minutes,
-    )
-    t0 = time.perf_counter()
-    engine.run()
-    train_seconds = time.perf_counter() - t0
+    training = common.train_bilevel(args, meta, task)
     predict = common.maml_predictor(
         net, args.test_steps, args.inner_lr, adapted=["head.weight", "head.bias"]
     )
     results = common.evaluate(args, predict, test, runs)
-    results.update(
-        meta_updates=engine.iteration // (args.meta_batch * args.inner_steps),
-        train_seconds=round(train_seconds, 1),
-    )
+    results.update(training)
     return common.finish(args, "anil", results)
 
 

@@ -17,8 +17,6 @@ Run::
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -81,15 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.optim.Adam(net.parameters(), lr=args.outer_lr),
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
     )
-    engine = common.TimedEngine(
-        [meta, task],
-        {"u2l": {meta: [task]}, "l2u": {task: [meta]}},
-        common.timed_config(args.iterations * args.meta_batch * args.inner_steps),
-        minutes=args.minutes,
-    )
-    t0 = time.perf_counter()
-    engine.run()
-    train_seconds = time.perf_counter() - t0
+    training = common.train_bilevel(args, meta, task)
     init = {k: v.detach() for k, v in net.named_parameters()}
 
     def predict(sx, sy, qx):  # the same regularized task problem at test time
@@ -102,10 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
             return torch.func.functional_call(net, fast, (qx,)).argmax(-1)
 
     results = common.evaluate(args, predict, test, runs)
-    results.update(
-        meta_updates=engine.iteration // (args.meta_batch * args.inner_steps),
-        train_seconds=round(train_seconds, 1),
-    )
+    results.update(training)
     return common.finish(args, "imaml", results)
 
 

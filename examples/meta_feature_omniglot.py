@@ -17,8 +17,6 @@ Run::
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -96,15 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.optim.Adam(body.parameters(), lr=args.outer_lr),
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
     )
-    engine = common.TimedEngine(
-        [up, low],
-        {"u2l": {up: [low]}, "l2u": {low: [up]}},
-        common.timed_config(args.iterations * args.meta_batch * args.inner_steps),
-        minutes=args.minutes,
-    )
-    t0 = time.perf_counter()
-    engine.run()
-    train_seconds = time.perf_counter() - t0
+    training = common.train_bilevel(args, up, low)
 
     def predict(sx, sy, qx):
         with torch.no_grad():
@@ -115,10 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         return F.linear(fq, fast["weight"], fast["bias"]).argmax(-1)
 
     results = common.evaluate(args, predict, test, runs)
-    results.update(
-        meta_updates=engine.iteration // (args.meta_batch * args.inner_steps),
-        train_seconds=round(train_seconds, 1),
-    )
+    results.update(training)
     return common.finish(args, f"meta_feature_{args.method}", results)
 
 

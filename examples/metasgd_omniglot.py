@@ -15,8 +15,6 @@ Run::
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -68,21 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.optim.Adam(meta_module.parameters(), lr=args.outer_lr),
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
     )
-    engine = common.TimedEngine(
-        [meta, task],
-        {"u2l": {meta: [task]}, "l2u": {task: [meta]}},
-        common.timed_config(args.iterations * args.meta_batch * args.inner_steps),
-        minutes=args.minutes,
-    )
-    t0 = time.perf_counter()
-    engine.run()
-    train_seconds = time.perf_counter() - t0
+    training = common.train_bilevel(args, meta, task)
     lrs = {k: v.detach() for k, v in meta_module.lr_dict().items()}
     predict = common.maml_predictor(meta_module.model, args.test_steps, lrs)
     results = common.evaluate(args, predict, test, runs)
     results.update(
-        meta_updates=engine.iteration // (args.meta_batch * args.inner_steps),
-        train_seconds=round(train_seconds, 1),
+        **training,
         mean_learned_lr=float(torch.cat([t.detach().flatten() for t in meta_module.lrs]).mean()),
     )
     return common.finish(args, "metasgd", results)

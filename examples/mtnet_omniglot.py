@@ -16,8 +16,6 @@ Run::
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -86,15 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.optim.Adam(mt.parameters(), lr=args.outer_lr),
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
     )
-    engine = common.TimedEngine(
-        [meta, task],
-        {"u2l": {meta: [task]}, "l2u": {task: [meta]}},
-        common.timed_config(args.iterations * args.meta_batch * args.inner_steps),
-        minutes=args.minutes,
-    )
-    t0 = time.perf_counter()
-    engine.run()
-    train_seconds = time.perf_counter() - t0
+    training = common.train_bilevel(args, meta, task)
     params = {k: v.detach() for k, v in mt.named_parameters()}
     names = [n for n, _ in mt.model.named_parameters()]
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -113,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         keep = torch.cat([torch.sigmoid(z).flatten() for z in mt.mask_logits]).mean()
     results.update(
-        meta_updates=engine.iteration // (args.meta_batch * args.inner_steps),
-        train_seconds=round(train_seconds, 1),
+        **training,
         mean_mask_probability=float(keep),
     )
     return common.finish(args, "mtnet", results)

@@ -35,6 +35,7 @@ __all__ = [
     "task_stream",
     "alphabets",
     "TimedEngine",
+    "train_bilevel",
     "maml_predictor",
     "evaluate",
     "finish",
@@ -136,7 +137,6 @@ class TimedEngine(mlopt.Engine):
     def __init__(self, *a: Any, minutes: float, **k: Any) -> None:
         super().__init__(*a, **k)
         self.deadline = time.perf_counter() + 60.0 * minutes
-        self.started = time.perf_counter()
 
     def validation(self) -> dict:
         if time.perf_counter() > self.deadline:
@@ -147,6 +147,23 @@ class TimedEngine(mlopt.Engine):
 def timed_config(iterations: int) -> mlopt.EngineConfig:
     """EngineConfig for a TimedEngine: validation (the clock) every iteration."""
     return mlopt.EngineConfig(train_iters=iterations, valid_step=1, strategy="cpu")
+
+
+def train_bilevel(args: argparse.Namespace, upper: mlopt.Problem, lower: mlopt.Problem) -> dict:
+    """Meta-train ``upper`` over ``lower`` within ``--minutes`` / ``--iterations`` meta-updates
+    (``--meta-batch`` tasks of ``--inner-steps`` lower updates each); returns
+    ``{"meta_updates", "train_seconds"}``."""
+    per_update = args.meta_batch * args.inner_steps
+    engine = TimedEngine(
+        [upper, lower],
+        {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+        timed_config(args.iterations * per_update),
+        minutes=args.minutes,
+    )
+    t0 = time.perf_counter()
+    engine.run()
+    seconds = time.perf_counter() - t0
+    return {"meta_updates": engine.iteration // per_update, "train_seconds": round(seconds, 1)}
 
 
 def maml_predictor(

@@ -14,8 +14,6 @@ Run::
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -69,22 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.optim.SGD(net.parameters(), lr=args.outer_lr),
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
     )
-    iters = args.iterations * args.meta_batch * args.inner_steps
-    engine = common.TimedEngine(
-        [init, task],
-        {"u2l": {init: [task]}, "l2u": {task: [init]}},
-        common.timed_config(iters),
-        minutes=args.minutes,
-    )
-    t0 = time.perf_counter()
-    engine.run()
-    train_seconds = time.perf_counter() - t0
+    training = common.train_bilevel(args, init, task)
     predict = common.maml_predictor(net, args.test_steps, args.inner_lr)
     results = common.evaluate(args, predict, test, runs)
-    results.update(
-        meta_updates=engine.iteration // (args.meta_batch * args.inner_steps),
-        train_seconds=round(train_seconds, 1),
-    )
+    results.update(training)
     return common.finish(args, "reptile", results)
 
 

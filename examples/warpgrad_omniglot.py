@@ -16,8 +16,6 @@ Run::
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -71,25 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.optim.Adam(warp.parameters(), lr=args.outer_lr),  # warps and initialization
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
     )
-    engine = common.TimedEngine(
-        [meta, task],
-        {"u2l": {meta: [task]}, "l2u": {task: [meta]}},
-        common.timed_config(args.iterations * args.meta_batch * args.inner_steps),
-        minutes=args.minutes,
-    )
-    t0 = time.perf_counter()
-    engine.run()
-    train_seconds = time.perf_counter() - t0
+    training = common.train_bilevel(args, meta, task)
     params = {k: v.detach() for k, v in warp.named_parameters()}
     model_names = [k for k in params if k.startswith("model.")]
     predict = common.maml_predictor(
         warp, args.test_steps, args.inner_lr, adapted=model_names, params=params
     )
     results = common.evaluate(args, predict, test, runs)
-    results.update(
-        meta_updates=engine.iteration // (args.meta_batch * args.inner_steps),
-        train_seconds=round(train_seconds, 1),
-    )
+    results.update(training)
     return common.finish(args, "warpgrad", results)
 
 
