@@ -160,8 +160,9 @@ def close_segment(stepper: Stepper, p: Problem, seg: Segment) -> None:
     end_params = tuple(t.detach() for t in p._current())
     end_state = stepper.opt_state.get(name)
     keys, end_flat = state_tensors(end_state)
-    _, start_flat = state_tensors(seg.state)
+    start_keys, start_flat = state_tensors(seg.state)
     inputs = (*seg.params, *start_flat, *seg.uppers)
+    n_start = len(seg.params) + len(start_flat)
     n = len(end_params)
 
     def vjp(cotangent: Vec) -> tuple[torch.Tensor | None, ...]:
@@ -172,9 +173,8 @@ def close_segment(stepper: Stepper, p: Problem, seg: Segment) -> None:
             )
         # start from copies: the gradient w.r.t. the start goes back through the node's input,
         # and must not also be counted through the previous segment's node here
-        keys0, flat0 = state_tensors(seg.state)
-        start = tuple(t.detach().requires_grad_(t.requires_grad) for t in (*seg.params, *flat0))
-        state0 = rebuild_state(seg.state, keys0, start[len(seg.params) :])
+        start = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs[:n_start])
+        state0 = rebuild_state(seg.state, start_keys, start[len(seg.params) :])
         params, state = replay(stepper, p, seg, start[: len(seg.params)], state0)
         outs = (*params, *state_tensors(state)[1])
         pairs = [(o, c) for o, c in zip(outs, cotangent) if o.requires_grad and c is not None]

@@ -184,14 +184,19 @@ class Stepper:
         self._cache[problem.name] = (key, out)
         return out
 
-    def context(self, problem: Problem) -> LowerContext:
-        """The :class:`LowerContext` of ``problem`` with its uppers' current parameters."""
+    def upper_tensors(self, problem: Problem) -> tuple[Vec, dict[str, slice]]:
+        """The current parameters of ``problem``'s uppers, concatenated, and each one's slice."""
         tensors: list[torch.Tensor] = []
         slices: dict[str, slice] = {}
         for name in self.uppers[problem.name]:
             cur = self.problems[name]._current()
             slices[name] = slice(len(tensors), len(tensors) + len(cur))
             tensors.extend(cur)
+        return tuple(tensors), slices
+
+    def context(self, problem: Problem) -> LowerContext:
+        """The :class:`LowerContext` of ``problem`` with its uppers' current parameters."""
+        tensors, slices = self.upper_tensors(problem)
         batch = problem.batch
         spec = self.init_spec(problem)
         init = None
@@ -202,8 +207,8 @@ class Stepper:
             name=problem.name,
             params=tuple(t.detach() for t in problem._current()),
             params_before=self.before.get(problem.name),
-            uppers=tuple(tensors),
-            loss_fn=functools.partial(self.pinned_loss, problem, batch, tuple(tensors), slices),
+            uppers=tensors,
+            loss_fn=functools.partial(self.pinned_loss, problem, batch, tensors, slices),
             lr=self.learning_rates(problem),
             init=init,
             memory=self.memory.get(problem.name),
@@ -382,8 +387,7 @@ class Stepper:
     def _open_segment(self, p: Problem) -> Segment:
         seg = self.segments.get(p.name)
         if seg is None:
-            ctx = self.context(p)
-            seg = Segment(p._current(), self.opt_state.get(p.name), ctx.uppers, ctx.extra["slices"])
+            seg = Segment(p._current(), self.opt_state.get(p.name), *self.upper_tensors(p))
             self.segments[p.name] = seg
         return seg
 
@@ -391,7 +395,6 @@ class Stepper:
         seg = self.segments.pop(p.name, None)
         if seg is not None and seg.steps:
             close_segment(self, p, seg)
-        self._version += 1
 
     def _record(self, name: str) -> bool:
         done = self.scheduler.record_step(name)
