@@ -145,7 +145,7 @@ def run_seed(args, seed: int) -> dict:
     while engine.iteration < engine.config.train_iters:
         used = schedule.log_lrs.detach().clone()
         if "schedule" in engine.step():
-            loss = float(engine.stepper.last_loss["schedule"])
+            loss = float(engine.last_losses["schedule"])
             if loss < best_seen[0]:
                 best_seen = (loss, used)
     rates = best_seen[1].exp().tolist()

@@ -1,9 +1,11 @@
 """Checkpoints: exact resume, atomic writes, safe loading (``torch.load(weights_only=True)``).
 
-A checkpoint holds every module, optimizer and scheduler state, the schedule's counters, each data
-loader's position and the random generators, so a resumed run continues as if never stopped.
-Checkpoints are written only between unroll windows of differentiable problems (a pending save waits
-for the next boundary), and never with non-finite parameters.
+A checkpoint is exactly the program's state objects: each problem's
+:class:`~mlopt.runtime.state.ProblemState` (module, optimizer, scheduler, scaler, counters, data
+position, method extras), the :class:`~mlopt.runtime.state.RunState` and the random generators,
+so a resumed run continues as if never stopped. Checkpoints are written only between unroll
+windows of differentiable problems (a pending save waits for the next boundary), and never with
+non-finite parameters.
 
 Example:
     >>> import tempfile, os
@@ -19,6 +21,7 @@ import os
 import pickle
 import random
 import tempfile
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,21 +31,23 @@ from mlopt.errors import ConfigError, HypergradientError
 from mlopt.step import all_finite
 
 if TYPE_CHECKING:
-    from mlopt.engine import Engine
+    from mlopt.runtime.plan import Plan
+    from mlopt.runtime.state import ProblemState, RunState
 
 __all__ = [
     "atomic_save",
     "safe_load",
-    "engine_state",
-    "load_engine_state",
+    "program_state",
+    "load_program_state",
     "save",
-    "load",
+    "resolve",
     "at_boundary",
+    "busy",
     "rng_state",
     "set_rng_state",
 ]
 
-_FORMAT = 1
+_FORMAT = 2
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -105,123 +110,97 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def at_boundary(engine: Engine) -> bool:
-    """Whether no problem is inside an unroll window or between gradient-accumulation steps."""
-    return not _busy(engine)
-
-
-def _busy(engine: Engine) -> list[str]:
+def busy(plan: Plan, states: Mapping[str, ProblemState]) -> list[str]:
     """Problems with transient state a checkpoint cannot hold: inside an unroll window (graph,
     task batch, meta-initialization, method memory) or between gradient-accumulation steps."""
-    st = engine.stepper
     return [
         n
-        for n in st.problems
-        if (st.uppers[n] and st.scheduler.window_count[n]) or st.accumulated[n]
+        for n, st in states.items()
+        if (plan.problems[n].uppers and st.window_count) or st.accumulated
     ]
 
 
-def engine_state(engine: Engine) -> dict:
-    """The engine's full state (tensors and plain values only)."""
-    st = engine.stepper
-    if not at_boundary(engine):
+def at_boundary(plan: Plan, states: Mapping[str, ProblemState]) -> bool:
+    """Whether no problem is inside an unroll window or between gradient-accumulation steps."""
+    return not busy(plan, states)
+
+
+def program_state(plan: Plan, states: Mapping[str, ProblemState], run: RunState) -> dict[str, Any]:
+    """The program's full state: each problem's state, the run's, and the generators."""
+    if not at_boundary(plan, states):
         raise ConfigError(
             f"cannot checkpoint in the middle of an unroll window or a gradient accumulation of "
-            f"{_busy(engine)}; checkpoint between windows (Engine.run() waits for one)"
+            f"{busy(plan, states)}; checkpoint between windows (Engine.run() waits for one)"
         )
-    st.sync_modules()
-    problems = {}
-    for name, p in engine.problems_by_name.items():
-        entry: dict[str, Any] = {"data": p._data_state()}
-        if p._module is not None:
-            entry["module"] = p._module.state_dict()
-        if p.optimizer is not None:
-            entry["optimizer"] = p.optimizer.state_dict()
-        if p.scheduler is not None and hasattr(p.scheduler, "state_dict"):
-            entry["scheduler"] = p.scheduler.state_dict()
-        if name in st.scalers:
-            entry["scaler"] = st.scalers[name].state_dict()
-        problems[name] = entry
     return {
         "format": _FORMAT,
-        "iteration": engine.iteration,
-        "best_metric": float(engine.best_metric),
-        "bad_validations": engine.bad_validations,
-        "stopped": engine.stopped,
-        "history": engine.history,
-        "schedule": st.scheduler.state_dict(),
-        "accumulated": dict(st.accumulated),
-        "updates": dict(st.updates),
-        "problems": problems,
+        "run": run.state_dict(),
+        "problems": {n: st.state_dict() for n, st in states.items()},
         "rng": rng_state(),
     }
 
 
-def load_engine_state(engine: Engine, state: dict) -> None:
-    """Restore an engine from :func:`engine_state`'s output."""
-    if state.get("format") != _FORMAT:
-        raise ConfigError(f"unsupported checkpoint format {state.get('format')!r}")
-    missing = set(engine.problems_by_name) - set(state["problems"])
-    if missing:
-        raise ConfigError(f"checkpoint has no state for problems {sorted(missing)}")
-    st = engine.stepper
-    for name, p in engine.problems_by_name.items():
-        entry = state["problems"][name]
-        p._set_fast(None)
-        if p._module is not None:
-            p._module.load_state_dict(entry["module"])
-        if p.optimizer is not None:
-            p.optimizer.load_state_dict(entry["optimizer"])
-        if p.scheduler is not None and "scheduler" in entry:
-            p.scheduler.load_state_dict(entry["scheduler"])
-        if name in st.scalers and "scaler" in entry:
-            st.scalers[name].load_state_dict(entry["scaler"])
-        p._load_data_state(entry["data"])
-        st.opt_state[name] = None
-        st.opened[name] = False
-    engine.iteration = state["iteration"]
-    engine.best_metric = state["best_metric"]
-    engine.bad_validations = state["bad_validations"]
-    engine.stopped = state["stopped"]
-    engine.history = list(state["history"])
-    st.scheduler.load_state_dict(state["schedule"])
-    st.accumulated.update(state["accumulated"])
-    st.updates.update(state["updates"])
+def load_program_state(
+    states: Mapping[str, ProblemState], run: RunState, state: Mapping[str, Any]
+) -> None:
+    """Restore what :func:`program_state` returned."""
+    if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        raise ConfigError(f"unsupported checkpoint format {found!r} (expected {_FORMAT})")
+    missing = set(states) - set(state["problems"])
+    extra = set(state["problems"]) - set(states)
+    if missing or extra:
+        raise ConfigError(
+            f"checkpoint does not fit the program: no state for problems {sorted(missing)}, "
+            f"state for unknown problems {sorted(extra)}"
+        )
+    for name, st in states.items():
+        st.load_state_dict(state["problems"][name])
+    run.load_state_dict(state["run"])
     set_rng_state(state["rng"])
 
 
-def save(engine: Engine, name: str | None = None) -> str | None:
-    """Write ``iter_<iteration, 8 digits>.pt`` (or ``name``) and ``last.pt`` into the folder."""
-    folder = engine.config.checkpoint_dir
+def save(
+    state: dict[str, Any],
+    folder: str | None,
+    name: str,
+    *,
+    parameters: list[torch.Tensor],
+    write: bool = True,
+    barrier: Any = None,
+) -> str:
+    """Atomically write ``state`` as ``folder/name`` (and ``last.pt`` for periodic saves).
+
+    Raises:
+        HypergradientError: some parameter is NaN/Inf (the previous checkpoint is kept).
+    """
     if folder is None:
         raise ConfigError("save_checkpoint needs EngineConfig(checkpoint_dir=...)")
-    state = engine_state(engine)
-    params = [
-        t
-        for p in engine.problems_by_name.values()
-        if p._module is not None
-        for t in p._module.parameters()
-    ]
-    if not all_finite([t.detach() for t in params]):
+    if not all_finite([t.detach() for t in parameters]):
         raise HypergradientError(
-            f"iteration {engine.iteration}: refusing to write a checkpoint with non-finite "
-            "parameters; the previous checkpoint is kept"
+            f"iteration {state['run']['iteration']}: refusing to write a checkpoint with "
+            "non-finite parameters; the previous checkpoint is kept"
         )
-    dist = engine.distributed
-    path = os.path.join(folder, name or f"iter_{engine.iteration:08d}.pt")
-    if dist is None or dist.rank == 0:
+    path = os.path.join(folder, name)
+    if write:
         atomic_save(state, path)
-        if name is None:
+        if name.startswith("iter_"):
             atomic_save(state, os.path.join(folder, "last.pt"))
-    if dist is not None:
-        dist.barrier()
+    if barrier is not None:
+        barrier()
     return path
 
 
-def load(engine: Engine, path: str | bool) -> None:
-    """Resume ``engine`` from ``path`` or, for True, from ``checkpoint_dir/last.pt``."""
+def resolve(path: str | bool, folder: str | None) -> str:
+    """The checkpoint file for ``EngineConfig(resume=...)`` (True: ``checkpoint_dir/last.pt``).
+
+    Raises:
+        ConfigError: the file does not exist.
+    """
     if path is True:
-        path = os.path.join(engine.config.checkpoint_dir, "last.pt")
+        if folder is None:
+            raise ConfigError("EngineConfig(resume=True) needs checkpoint_dir=... to find last.pt")
+        path = os.path.join(folder, "last.pt")
     if not os.path.exists(path):
         raise ConfigError(f"resume: checkpoint {path!r} does not exist")
-    load_engine_state(engine, safe_load(path, map_location=engine.device))
+    return path

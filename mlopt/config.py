@@ -19,7 +19,7 @@ from typing import Any
 
 from mlopt.errors import ConfigError
 
-__all__ = ["Config", "EngineConfig", "PRECISIONS", "STRATEGIES", "LOGGERS"]
+__all__ = ["freeze", "Config", "EngineConfig", "PRECISIONS", "STRATEGIES", "LOGGERS"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 STRATEGIES = ("default", "cpu", "cuda", "ddp")
@@ -102,6 +102,21 @@ class Config:
         from mlopt.hypergrad import resolve_method
 
         self.type = resolve_method(self.type)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        owner = self.__dict__.get("_owner")
+        if owner is not None:
+            raise ConfigError(
+                f"problem {owner!r}: Config.{key} cannot change once an Engine has compiled the "
+                f"program (the change would be ignored); pass Config({key}=...) to the problem "
+                "before building the Engine"
+            )
+        super().__setattr__(key, value)
+
+
+def freeze(config: Config, owner: str) -> None:
+    """Make ``config`` read-only: the Engine of problem ``owner`` has compiled it into its plan."""
+    config.__dict__["_owner"] = owner
 
 
 @dataclass

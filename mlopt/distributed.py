@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from mlopt.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mlopt.problem import Problem
-    from mlopt.stepper import Stepper
 
 __all__ = ["DataParallel", "average_"]
 
@@ -63,20 +58,17 @@ class DataParallel:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
-    def attach(self, stepper: Stepper, problems: Sequence[Problem]) -> None:
-        """Shard data, average gradients at optimizer steps, start from identical modules."""
-        stepper.rank, stepper.world = self.rank, self.world
-        stepper.reduce_grads = self.reduce_grads
+    def start(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Start every rank from rank 0's generator state and modules."""
         # every rank walks the same data stream (shuffling uses torch's global generator):
         # start all ranks from rank 0's generator state
         state = torch.get_rng_state().to(self.device)
         dist.broadcast(state, src=0)
         torch.set_rng_state(state.cpu())
-        for p in problems:
-            if p._module is not None:
-                with torch.no_grad():
-                    for t in list(p._module.parameters()) + list(p._module.buffers()):
-                        dist.broadcast(t, src=0)
+        for module in modules:
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(t, src=0)
 
     def reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
         """Average the ``.grad`` of ``params`` over ranks."""

@@ -33,9 +33,10 @@ from mlopt.config import EngineConfig
 from mlopt.errors import ConfigError, DependencyError
 from mlopt.graph import describe, normalize, validate
 from mlopt.loggers import make_logger
-from mlopt.problem import Problem
-from mlopt.stepper import Stepper
-from mlopt.wiring import init_positions
+from mlopt.problem import Problem, bind, problem_state
+from mlopt.runtime.executor import Runtime, Services
+from mlopt.runtime.plan import compile_plan
+from mlopt.runtime.state import ProblemState, RunState
 
 __all__ = ["Engine"]
 
@@ -52,69 +53,29 @@ def _choose_device(config: EngineConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _restrict_to_optimizer(p: Problem) -> None:
-    """A problem's parameters are the trainable module parameters its optimizer updates."""
-    if p.optimizer is None or p._module is None:
-        return
-    in_opt = {id(q) for g in p.optimizer.param_groups for q in g["params"]}
-    p.__dict__["_names"] = [
-        n for n, q in p._module.named_parameters() if q.requires_grad and id(q) in in_opt
-    ]
-
-
-def _check_problem(p: Problem, problems: Mapping[str, Problem], uppers: Sequence[str]) -> None:
-    """Per-problem checks that need the whole program."""
+def _check_problem(p: Problem, st: ProblemState) -> None:
+    """Checks of one problem on its own: an override, parameters without optimizer."""
     if type(p).training_step is Problem.training_step:
         raise ConfigError(
             f"problem {p.name!r} ({type(p).__name__}) does not override training_step(batch); "
             "subclass mlopt.Problem and define it"
         )
-    if p._module is not None:
-        trainable = [n for n, q in p._module.named_parameters() if q.requires_grad]
-        if trainable and p.optimizer is None:
+    if st.module is not None:
+        trainable = [n for n, q in st.module.named_parameters() if q.requires_grad]
+        if trainable and st.optimizer is None:
             raise ConfigError(
                 f"problem {p.name!r} has trainable parameters {trainable[:3]}... but no optimizer; "
                 "pass optimizer=torch.optim.SGD(module.parameters(), lr=...) or freeze them"
             )
-    if p.optimizer is not None:
-        in_module = {id(q) for q in (p._module.parameters() if p._module is not None else [])}
-        stray = [q for g in p.optimizer.param_groups for q in g["params"] if id(q) not in in_module]
+    if st.optimizer is not None:
+        in_module = {id(q) for q in (st.module.parameters() if st.module is not None else [])}
+        groups = st.optimizer.param_groups
+        stray = [q for g in groups for q in g["params"] if id(q) not in in_module]
         if stray:
             raise ConfigError(
                 f"problem {p.name!r}: its optimizer holds {len(stray)} tensor(s) that are not "
                 "parameters of its module; build the optimizer from module.parameters()"
             )
-    method = p.config.type
-    init = p.config.initialize_from
-    if init is not None:
-        init_positions(p, problems, init)  # raises on unknown problems or mismatched parameters
-        init = init.partition(".")[0]
-        if init not in uppers:
-            raise DependencyError(
-                f"problem {p.name!r}: initialize_from={init!r} must be one of its uppers; add "
-                f"{{{init!r}: [{p.name!r}]}} to u2l"
-            )
-    if type(p).learning_rates is not Problem.learning_rates and not (
-        uppers and method.differentiable_unroll
-    ):
-        raise ConfigError(
-            f"problem {p.name!r} overrides learning_rates(), which only a differentiable unroll "
-            "uses: give it an upper problem (u2l) and Config(type='reverse')"
-        )
-    if method.tracks_dynamics and uppers and p.config.gradient_clipping:
-        raise ConfigError(
-            f"problem {p.name!r}: gradient_clipping is not differentiated by forward mode; "
-            "remove it or use Config(type='reverse')"
-        )
-    if getattr(method, "name", "") == "reptile" and init is None:
-        raise ConfigError(
-            f"problem {p.name!r}: Config(type='reptile') needs Config(initialize_from=<upper>)"
-        )
-    if uppers and method.differentiable_unroll and p.config.gradient_accumulation > 1:
-        raise ConfigError(
-            f"problem {p.name!r}: gradient_accumulation > 1 is not supported inside a "
-            f"differentiable unroll ({method.name}); accumulate in its upper instead"
-        )
 
 
 class Engine:
@@ -146,40 +107,90 @@ class Engine:
         self.graph = normalize([p.name for p in problems], dependencies)
         validate(self.graph)
         self.problems_by_name = {p.name: p for p in problems}
+        states = {p.name: problem_state(p) for p in problems}
         for p in problems:
-            if p.__dict__["_engine"] is not None and p.__dict__["_engine"] is not self:
-                raise ConfigError(f"problem {p.name!r} already belongs to another Engine")
+            if p.engine is not None:
+                bind(p, p.engine)  # raises unless it is free or already ours (it is not ours)
+        for st in states.values():
+            st.restrict_to_optimizer()
         for p in problems:
-            _restrict_to_optimizer(p)
-        for p in problems:
-            _check_problem(p, self.problems_by_name, self.graph.hyper_uppers(p.name))
+            _check_problem(p, states[p.name])
         self.device = _choose_device(config)
         self.distributed = None
+        services = Services()
         if config.strategy == "ddp":
             from mlopt.distributed import DataParallel
 
             self.distributed = DataParallel(self.device)
             self.device = self.distributed.device
+            services = Services(
+                self.distributed.rank, self.distributed.world, self.distributed.reduce_grads
+            )
+        self.plan = compile_plan(self.problems_by_name, self.graph, self.device, config.roll_back)
         if config.seed is not None:
-            seed_everything(config.seed)  # the same on every rank: see DataParallel.attach
+            seed_everything(config.seed)  # the same on every rank: see DataParallel.start
         for p in problems:
-            if p._module is not None:
-                p._module.to(self.device)
-            p.__dict__["_engine"] = self
-        self.stepper = Stepper(self.problems_by_name, self.graph, self.device)
-        self.stepper.keep_snapshots = config.roll_back
+            bind(p, self)
+            if states[p.name].module is not None:
+                states[p.name].module.to(self.device)
+        self.states = states
+        self.runtime = Runtime(self.plan, self.problems_by_name, states, services)
         if self.distributed is not None:
-            self.distributed.attach(self.stepper, problems)
-        self.iteration = 0
-        self.best_metric = config.best_initial
-        self.bad_validations = 0
-        self.stopped = False
-        self._pending_best = False
-        self.history: list[dict] = []
-        self.logger = make_logger(config, rank=self.stepper.rank)
+            self.distributed.start([st.module for st in states.values() if st.module is not None])
+        self.run_state = RunState(best_metric=config.best_initial)
+        self.logger = make_logger(config, rank=services.rank)
         if config.resume:
             self.load_checkpoint(config.resume)
-        self.stepper.open_windows()
+        self.runtime.open_windows()
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def iteration(self) -> int:
+        """Iterations of the schedule run so far."""
+        return self.run_state.iteration
+
+    @property
+    def stopped(self) -> bool:
+        """Whether early stopping ended the run."""
+        return self.run_state.stopped
+
+    @property
+    def best_metric(self) -> float:
+        """The best early-stopping metric seen so far."""
+        return self.run_state.best_metric
+
+    @property
+    def history(self) -> list[dict]:
+        """One dict of validation metrics per validation, with its iteration."""
+        return self.run_state.history
+
+    @property
+    def step_counts(self) -> dict[str, int]:
+        """Updates booked per problem (skipped non-finite updates included)."""
+        return {n: st.steps for n, st in self.states.items()}
+
+    @property
+    def update_counts(self) -> dict[str, int]:
+        """Optimizer (or differentiable) updates taken per problem."""
+        return {n: st.updates for n, st in self.states.items()}
+
+    @property
+    def last_losses(self) -> dict[str, torch.Tensor]:
+        """The latest loss of each problem that has computed one (detached)."""
+        return {n: st.last_loss for n, st in self.states.items() if st.last_loss is not None}
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        """The latest metrics each problem's ``training_step`` returned besides its loss."""
+        return {n: dict(st.metrics) for n, st in self.states.items()}
+
+    def state(self, name: str) -> ProblemState:
+        """The :class:`~mlopt.runtime.state.ProblemState` of problem ``name``."""
+        return self.states[name]
+
+    def window_position(self, name: str) -> int:
+        """1-based position of ``name``'s current update in its unroll window."""
+        return self.runtime.window_position(name)
 
     # ------------------------------------------------------------------ description
     def describe(self) -> str:
@@ -195,21 +206,13 @@ class Engine:
         return f"Engine(problems={list(self.problems_by_name)}, iteration={self.iteration})"
 
     def _exposed_params(self, problem: Problem):
-        return self.stepper.exposed_params(problem)
+        return self.runtime.exposed_params(problem.name)
 
     # ------------------------------------------------------------------ running
     def step(self) -> list[str]:
         """Run one iteration of the schedule; returns the names of the problems that stepped."""
-        stepped = []
-        sched = self.stepper.scheduler
-        for name in sched.order:
-            if sched.should_step(name):
-                self.stepper.step(self.problems_by_name[name])
-                stepped.append(name)
-        self.iteration += 1
-        if self.config.roll_back:
-            self._roll_back(stepped)
-        self.stepper.open_windows()
+        stepped = self.runtime.iteration()
+        self.run_state.iteration += 1
         self._log_step(stepped)
         return stepped
 
@@ -217,7 +220,7 @@ class Engine:
         """Run until ``train_iters`` iterations (or early stopping); returns a summary dict."""
         cfg = self.config
         bar = None
-        if cfg.progress and self.stepper.rank == 0:
+        if cfg.progress and self.runtime.services.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.train_iters, initial=self.iteration, desc="mlopt")
@@ -233,23 +236,21 @@ class Engine:
                     and (self.iteration % cfg.checkpoint_step == 0)
                 ):
                     pending_save = True
-                if pending_save and ckpt.at_boundary(self):
+                if pending_save and ckpt.at_boundary(self.plan, self.states):
                     self.save_checkpoint()
                     pending_save = False
-                if self._pending_best and ckpt.at_boundary(self):
+                if self.run_state.pending_best and ckpt.at_boundary(self.plan, self.states):
                     self.save_checkpoint(name="best.pt")
-                    self._pending_best = False
+                    self.run_state.pending_best = False
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(
-                        {k: f"{float(v):.4g}" for k, v in self.stepper.last_loss.items()}
-                    )
+                    bar.set_postfix({k: f"{float(v):.4g}" for k, v in self.last_losses.items()})
         finally:
             if bar is not None:
                 bar.close()
-        self.stepper.sync_modules()
+        self.runtime.sync_modules()
         if cfg.checkpoint_dir:
-            if ckpt.at_boundary(self):
+            if ckpt.at_boundary(self.plan, self.states):
                 self.save_checkpoint()
             else:
                 log.warning(
@@ -260,10 +261,11 @@ class Engine:
         self.logger.flush()
         return {
             "iterations": self.iteration,
-            "steps": dict(self.stepper.scheduler.steps),
+            "steps": self.step_counts,
             "stopped_early": self.stopped,
             "best_metric": self.best_metric,
             "history": self.history,
+            "updates": self.update_counts,
         }
 
     def validation(self) -> dict:
@@ -278,7 +280,7 @@ class Engine:
             metrics = self.distributed.average_metrics(metrics)
         self.history.append({"iteration": self.iteration, **metrics})
         self.logger.log({f"validation/{k}": v for k, v in metrics.items()}, self.iteration)
-        cfg = self.config
+        cfg, run = self.config, self.run_state
         if cfg.early_stopping:
             key = cfg.early_stopping_metric
             if key not in metrics:
@@ -293,25 +295,24 @@ class Engine:
                 else (value > self.best_metric)
             )
             if better:
-                self.best_metric, self.bad_validations = value, 0
+                run.best_metric, run.bad_validations = value, 0
                 # saved at the next window boundary (an unroll's graph cannot be saved)
-                self._pending_best = bool(cfg.checkpoint_dir)
+                run.pending_best = bool(cfg.checkpoint_dir)
             else:
-                self.bad_validations += 1
-                if self.bad_validations >= cfg.early_stopping_patience:
-                    self.stopped = True
+                run.bad_validations += 1
+                if run.bad_validations >= cfg.early_stopping_patience:
+                    run.stopped = True
                     log.info("early stopping at iteration %d (%s=%g)", self.iteration, key, value)
         return metrics
 
     def _log_step(self, stepped: list[str]) -> None:
         out = {}
         for name in stepped:
-            p = self.problems_by_name[name]
-            every = p.config.log_step
-            if every and self.stepper.scheduler.steps[name] % every == 0:
-                if name in self.stepper.last_loss:
-                    out[f"{name}/loss"] = float(self.stepper.last_loss[name])
-                for k, v in self.stepper.metrics.get(name, {}).items():
+            st, every = self.states[name], self.plan.problems[name].log_step
+            if every and st.steps % every == 0:
+                if st.last_loss is not None:
+                    out[f"{name}/loss"] = float(st.last_loss)
+                for k, v in st.metrics.items():
                     if isinstance(v, (int, float)) or (
                         isinstance(v, torch.Tensor) and v.numel() == 1
                     ):
@@ -319,27 +320,34 @@ class Engine:
         if out:
             self.logger.log(out, self.iteration)
 
-    def _roll_back(self, stepped: list[str]) -> None:
-        from mlopt.rollback import roll_back
-
-        roll_back(self, stepped)
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly (tensors and plain Python values only)."""
-        return ckpt.engine_state(self)
+        """Everything needed to resume exactly: each problem's state, the run's, the generators
+        (tensors and plain Python values only)."""
+        self.runtime.sync_modules()
+        return ckpt.program_state(self.plan, self.states, self.run_state)
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore what :meth:`state_dict` returned."""
-        ckpt.load_engine_state(self, state)
+        ckpt.load_program_state(self.states, self.run_state, state)
 
     def save_checkpoint(self, name: str | None = None) -> str | None:
         """Atomically write a checkpoint into ``checkpoint_dir`` (rank 0 only); returns its path."""
-        return ckpt.save(self, name)
+        dist = self.distributed
+        params = [t for st in self.states.values() if st.module for t in st.module.parameters()]
+        return ckpt.save(
+            self.state_dict(),
+            self.config.checkpoint_dir,
+            name or f"iter_{self.iteration:08d}.pt",
+            parameters=params,
+            write=dist is None or dist.rank == 0,
+            barrier=None if dist is None else dist.barrier,
+        )
 
     def load_checkpoint(self, path: str | bool) -> None:
         """Resume from ``path`` (or the latest checkpoint in ``checkpoint_dir`` for True)."""
-        ckpt.load(self, path)
+        path = ckpt.resolve(path, self.config.checkpoint_dir)
+        self.load_state_dict(ckpt.safe_load(path, map_location=self.device))
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -29,9 +29,10 @@ from torch import nn
 
 from mlopt.config import Config
 from mlopt.errors import ConfigError, MLOptError
-from mlopt.functional import ModuleView, trainable_parameters
+from mlopt.functional import ModuleView
+from mlopt.runtime.state import ProblemState
 
-__all__ = ["Problem"]
+__all__ = ["Problem", "problem_state", "bind"]
 
 Vec = tuple[torch.Tensor, ...]
 
@@ -85,13 +86,7 @@ class Problem:
         d["train_data_loader"] = train_data_loader
         d["_module"] = module
         d["_engine"] = None
-        d["_names"] = [n for n, _ in trainable_parameters(module)] if module is not None else []
-        d["_fast"] = None  # differentiable parameters of an unroll window, or None
-        d["_batch"] = None
-        d["_iter"] = None
-        d["_epoch"] = 0
-        d["_position"] = 0
-        d["_iter_rng"] = None
+        d["_state"] = ProblemState(name, module, optimizer, scheduler, train_data_loader)
         d["_view"] = ModuleView(module, self._visible) if module is not None else None
 
     # ------------------------------------------------------------------ user API
@@ -157,14 +152,24 @@ class Problem:
         return f"{type(self).__name__}(name={self.name!r}, config={self.config!r})"
 
     # ------------------------------------------------------------------ parameters
+    # (the state lives in the problem's ProblemState; these delegate for the module view)
+    @property
+    def _names(self) -> list[str]:
+        return self._state.names
+
+    @property
+    def _fast(self) -> Vec | None:
+        return self._state.fast
+
+    @property
+    def _batch(self) -> Any:
+        return self._state.batch
+
     def _leaves(self) -> list[nn.Parameter]:
-        if self._module is None:
-            return []
-        params = dict(self._module.named_parameters())
-        return [params[n] for n in self._names]
+        return self._state.leaves()
 
     def _current(self) -> Vec:
-        return tuple(self._fast) if self._fast is not None else tuple(self._leaves())
+        return self._state.current()
 
     def _visible(self) -> dict[str, torch.Tensor] | None:
         engine = self._engine
@@ -176,77 +181,37 @@ class Problem:
             return None
         return dict(zip(self._names, self._fast))
 
-    @contextlib.contextmanager
-    def _using(self, params: Vec | None) -> Iterator[None]:
+    def _using(self, params: Vec | None) -> contextlib.AbstractContextManager:
         """Temporarily run with ``params`` as the current parameters."""
-        saved = self._fast
-        self.__dict__["_fast"] = None if params is None else tuple(params)
-        try:
-            yield
-        finally:
-            self.__dict__["_fast"] = saved
+        return self._state.using(params)
 
     def _set_fast(self, params: Vec | None) -> None:
-        self.__dict__["_fast"] = None if params is None else tuple(params)
+        self._state.set_fast(params)
 
-    @torch.no_grad()
     def _commit(self) -> None:
         """Write the fast weights into the module's parameters and drop the graph."""
-        if self._fast is None:
-            return
-        for leaf, value in zip(self._leaves(), self._fast):
-            if value is not leaf:
-                leaf.copy_(value)
-        self.__dict__["_fast"] = None
+        self._state.commit()
 
     # ------------------------------------------------------------------ data
     def _next_batch(self, rank: int = 0, world: int = 1) -> Any:
         """The next batch (rank's shard under data parallelism), restarting the loader when done."""
-        if self.train_data_loader is None:
-            self.__dict__["_batch"] = None
-            return None
         batch = None
         for i in range(world):  # every rank walks the same stream and keeps its own share
-            drawn = self._draw()
+            drawn = self._state.data.next()
             if i == rank:
                 batch = drawn
-        self.__dict__["_batch"] = batch
+        self._state.batch = batch
         return batch
 
-    def _draw(self) -> Any:
-        d = self.__dict__
-        for attempt in range(2):
-            if d["_iter"] is None:
-                d["_iter_rng"] = torch.get_rng_state()
-                d["_iter"] = iter(self.train_data_loader)
-            try:
-                batch = next(d["_iter"])
-                d["_position"] += 1
-                return batch
-            except StopIteration:
-                d["_iter"] = None
-                d["_epoch"] += 1
-                d["_position"] = 0
-                if attempt == 1:
-                    break
-        raise ConfigError(f"problem {self.name!r}: train_data_loader yielded no batch")
 
-    def _data_state(self) -> dict:
-        return {"epoch": self._epoch, "position": self._position, "rng": self._iter_rng}
+def problem_state(problem: Problem) -> ProblemState:
+    """The :class:`~mlopt.runtime.state.ProblemState` holding ``problem``'s mutable state."""
+    return problem._state
 
-    def _load_data_state(self, state: dict) -> None:
-        """Recreate the loader's iterator at the saved position (exact for seeded iteration)."""
-        d = self.__dict__
-        d["_epoch"], d["_iter"], d["_position"] = state["epoch"], None, 0
-        if self.train_data_loader is None or state["rng"] is None:
-            return
-        saved = torch.get_rng_state()
-        torch.set_rng_state(state["rng"])
-        d["_iter_rng"] = state["rng"]
-        try:  # replay under the saved state: samplers draw their seed lazily, at the first next()
-            d["_iter"] = iter(self.train_data_loader)
-            for _ in range(state["position"]):
-                next(d["_iter"])
-                d["_position"] += 1
-        finally:
-            torch.set_rng_state(saved)
+
+def bind(problem: Problem, engine: Any) -> None:
+    """Attach ``problem`` to ``engine`` (``self.<name>`` then finds the engine's problems)."""
+    current = problem.__dict__["_engine"]
+    if current is not None and current is not engine:
+        raise ConfigError(f"problem {problem.name!r} already belongs to another Engine")
+    problem.__dict__["_engine"] = engine

@@ -260,11 +260,9 @@ def run_program(name: str) -> dict:
     torch.manual_seed(0)
     engine, grads = PROGRAMS[name]()
     text = str(engine)
-    if engine.iteration == 0:
-        summary = engine.run()
-    else:  # resumed: already run
-        summary = {"steps": dict(engine.stepper.scheduler.steps)}
-    out: dict = {"describe": text, "steps": summary["steps"]}
+    if engine.iteration == 0:  # (the resumed program has already run)
+        engine.run()
+    out: dict = {"describe": text, "steps": engine.step_counts}
     for pname, p in engine.problems_by_name.items():
         for key, value in p._module.state_dict().items():
             out[f"{pname}.{key}"] = value.detach().clone()
@@ -272,7 +270,7 @@ def run_program(name: str) -> dict:
         for k, step in enumerate(seen):
             for j, g in enumerate(step):
                 out[f"grad.{pname}.{k}.{j}"] = g
-    for pname, loss in engine.stepper.last_loss.items():
+    for pname, loss in engine.last_losses.items():
         out[f"loss.{pname}"] = loss.detach().clone()
     return out
 

@@ -124,7 +124,7 @@ class RankEngine(mlopt.Engine):
     """Validation metric that differs per rank (the engine averages it over ranks)."""
 
     def validation(self) -> dict:
-        return {"rank": float(self.stepper.rank), "one": 1.0}
+        return {"rank": float(torch.distributed.get_rank()), "one": 1.0}
 
 
 def _shuffled_recorder(seed: int | None) -> list[int]:

@@ -55,6 +55,7 @@ def quadratic_program(
     init=False,
     inner_opt="sgd",
     engine_kw=None,
+    upper_config=None,
 ):
     """A two-level quadratic program; returns (engine, upper, lower, captured upper gradients)."""
     low_mod = Vector(theta0 if not init else phi0)
@@ -66,7 +67,9 @@ def quadratic_program(
     up_opt = torch.optim.SGD(up_mod.parameters(), lr=upper_lr)
     cfg = mlopt.Config(type=method, unroll_steps=steps, initialize_from="upper" if init else None)
     lower = QuadLower(q, "upper", name="lower", module=low_mod, optimizer=low_opt, config=cfg)
-    upper = QuadUpper(q, "lower", name="upper", module=up_mod, optimizer=up_opt)
+    upper = QuadUpper(
+        q, "lower", name="upper", module=up_mod, optimizer=up_opt, config=upper_config
+    )
     grads = capture_gradients(up_opt)
     engine = mlopt.Engine(
         [upper, lower],

@@ -113,7 +113,7 @@ def final_state(engine) -> dict:
         "lr": up.optimizer.param_groups[0]["lr"],
         "sched": up.scheduler.last_epoch,
         "rng": torch.get_rng_state(),
-        "steps": dict(engine.stepper.scheduler.steps),
+        "steps": engine.step_counts,
         "iteration": engine.iteration,
     }
 
@@ -148,7 +148,7 @@ def test_resume_is_bitwise_exact_and_saves_wait_for_window_boundaries(tmp_path):
     # window boundaries 6 and 9
     assert sorted(os.listdir(tmp_path)) == ["iter_00000006.pt", "iter_00000009.pt", "last.pt"]
     state = mlopt.checkpoint.safe_load(str(tmp_path / "iter_00000006.pt"))
-    assert state["iteration"] == 6
+    assert state["run"]["iteration"] == 6
     # the lower's optimizer state was committed from the differentiable unroll
     low_opt = state["problems"]["lower"]["optimizer"]["state"]
     assert set(low_opt[0]) == {"momentum_buffer"}
@@ -163,8 +163,8 @@ def test_resume_restores_counters_and_history(tmp_path):
     engine.run()
     resumed = build(6, resume=str(tmp_path / "last.pt"))
     assert resumed.iteration == 6
-    assert resumed.stepper.scheduler.steps == {"upper": 2, "lower": 6}
-    assert resumed.stepper.updates == engine.stepper.updates
+    assert resumed.step_counts == {"upper": 2, "lower": 6}
+    assert resumed.update_counts == engine.update_counts
     out = resumed.run()  # already at train_iters: nothing more runs
     assert out["iterations"] == 6 and out["steps"] == {"upper": 2, "lower": 6}
 
@@ -289,7 +289,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == before  # no iter_00000009.pt, no temporary file
     assert (tmp_path / "last.pt").read_bytes() == last
-    assert mlopt.checkpoint.safe_load(str(tmp_path / "last.pt"))["iteration"] == 6
+    assert mlopt.checkpoint.safe_load(str(tmp_path / "last.pt"))["run"]["iteration"] == 6
 
 
 _EXECUTED: list[str] = []
@@ -311,7 +311,7 @@ def test_loading_refuses_arbitrary_python_objects(tmp_path):
     engine = build(3)
     engine.run()
     state = engine.state_dict()
-    state["history"] = [Payload()]
+    state["run"]["history"] = [Payload()]
     path = tmp_path / "evil.pt"
     torch.save(state, path)
     with pytest.raises(ConfigError, match="refusing to load.*[Ww]eights only load failed"):

@@ -65,9 +65,12 @@ def test_neumann_divergence_raises_before_writing_the_gradient(quad):
 def test_solver_divergence_can_skip_the_update_with_a_warning(quad):
     q, phi0, theta_star = quad
     engine, upper, _, grads = quadratic_program(
-        q, phi0, theta_star, method=Neumann(iterations=200, alpha=0.5)
+        q,
+        phi0,
+        theta_star,
+        method=Neumann(iterations=200, alpha=0.5),
+        upper_config=mlopt.Config(on_nonfinite="skip"),
     )
-    upper.config.on_nonfinite = "skip"
     before = upper.module.weight.detach().clone()
     with pytest.warns(RuntimeWarning, match="non-finite hypergradient.*through 'lower'"):
         engine.run()

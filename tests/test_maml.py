@@ -101,7 +101,7 @@ def test_maml_outer_gradient_matches_hand_unrolled(optimizer, method):
         mlopt.EngineConfig(train_iters=steps * 3, strategy="cpu"),
     )
     engine.run()
-    assert engine.stepper.scheduler.steps == {"inner": 6, "outer": 3}
+    assert engine.step_counts == {"inner": 6, "outer": 3}
     assert len(seen) == 1  # one meta-update over the meta-batch of 3 tasks
     if method == "reverse":
         expected = reference(ref_net, tasks, inner_lr, steps, optimizer)

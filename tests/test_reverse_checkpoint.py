@@ -8,7 +8,7 @@ from torch import nn
 
 import mlopt
 from mlopt.hypergrad import Reverse
-from mlopt.segments import rebuild_state, state_tensors
+from mlopt.hypergrad.checkpointed import rebuild_state, state_tensors
 from mlopt.testing import QuadraticBilevel, capture_gradients
 
 

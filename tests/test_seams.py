@@ -142,7 +142,7 @@ def test_explicit_gradient_from_training_step():
     engine = mlopt.Engine([p], {}, mlopt.EngineConfig(train_iters=1))
     engine.run()
     torch.testing.assert_close(seen[0][0], torch.full((2,), 3.0, dtype=F64))
-    assert engine.stepper.metrics["p"] == {"acc": 1.0}
+    assert engine.metrics["p"] == {"acc": 1.0}
 
     class Wrong(Explicit):
         def training_step(self, batch):

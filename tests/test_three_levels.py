@@ -91,6 +91,6 @@ def test_three_level_reverse_equals_hand_unrolled():
         mlopt.EngineConfig(train_iters=4),
     )
     engine.run()
-    assert engine.stepper.scheduler.steps == {"low": 4, "mid": 2, "top": 1}
+    assert engine.step_counts == {"low": 4, "mid": 2, "top": 1}
     expected, _ = reference(M, w0, th0, phi0, a, b, windows=2)
     torch.testing.assert_close(seen[0][0], expected, rtol=0, atol=1e-10)

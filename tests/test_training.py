@@ -191,8 +191,8 @@ def test_best_checkpoint_holds_the_best_validation(tmp_path):
     engine.run()
     assert engine.iteration == 12
     state = mlopt.checkpoint.safe_load(str(tmp_path / "best.pt"))
-    assert state["iteration"] == 4  # 3.0 at iteration 4; the later 3.0 is not better
-    assert state["best_metric"] == 3.0
+    assert state["run"]["iteration"] == 4  # 3.0 at iteration 4; the later 3.0 is not better
+    assert state["run"]["best_metric"] == 3.0
     assert torch.equal(state["problems"]["p"]["module"]["weight"], engine.weights[4])
     assert "last.pt" in os.listdir(tmp_path)
 
@@ -228,7 +228,7 @@ def test_gradient_accumulation_averages_micro_steps():
     engine.step()
     assert torch.equal(mod.weight.detach(), W0)  # no update between micro-steps
     engine.run()
-    assert len(grads) == 2 and engine.stepper.updates["p"] == 2
+    assert len(grads) == 2 and engine.update_counts["p"] == 2
     w1 = W0 - 0.1 * grads[0][0]
     torch.testing.assert_close(grads[0][0], W0 - torch.stack(XS[:3]).mean(0), rtol=1e-14, atol=0)
     torch.testing.assert_close(grads[1][0], w1 - torch.stack(XS[3:6]).mean(0), rtol=1e-14, atol=0)
@@ -362,7 +362,7 @@ def test_nonfinite_skip_skips_the_update_with_a_warning():
     assert len(record) == 2
     assert len(grads) == 3
     torch.testing.assert_close(mod.weight.detach(), W0 - 3 * 0.1 * p.c, rtol=0, atol=1e-15)
-    assert engine.stepper.scheduler.steps["p"] == 5
+    assert engine.step_counts["p"] == 5
 
 
 class HookedInitLower(mlopt.Problem):
@@ -435,7 +435,7 @@ def test_bf16_autocast_loss_within_rounding_bound():
         )
         engine = mlopt.Engine([p], {}, mlopt.EngineConfig(train_iters=2, strategy="cpu"))
         engine.step()
-        losses[precision] = float(engine.stepper.last_loss["p"])
+        losses[precision] = float(engine.last_losses["p"])
         dtype = p.pred.dtype
         engine.step()
         assert net.weight.dtype == torch.float32 and torch.isfinite(net.weight).all()
@@ -541,7 +541,7 @@ def test_roll_back_redoes_the_window_with_the_new_upper(method, unroll):
         for _ in range(unroll):
             engine.step()
         phi = upper._module.weight.detach()
-        assert engine.stepper.scheduler.steps["upper"] == window + 1
+        assert engine.step_counts["upper"] == window + 1
         for x in XS[window * unroll : (window + 1) * unroll]:
             ref_opt.zero_grad()
             (Q.lower_loss(ref, phi) - ref @ x).backward()
@@ -556,7 +556,7 @@ def test_loader_restarts_when_exhausted():
     engine, p, *_ = single(Fit, data=XS[:3], iters=7)
     engine.run()
     assert [next(i for i, x in enumerate(XS) if x is b) for b in p.seen] == [0, 1, 2, 0, 1, 2, 0]
-    assert p._epoch == 2
+    assert engine.state("p").data.epoch == 2
 
 
 def test_batch_is_none_without_a_loader():
@@ -608,10 +608,10 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_matches_unscaled_updates(
     w16, engine = run("fp16", 1.0)
     w32, _ = run("fp32", 1.0)
     torch.testing.assert_close(w16, w32, rtol=0, atol=0)
-    scaler = engine.stepper.scalers["p"]
+    scaler = engine.state("p").scaler
     assert scaler.get_scale() == 65536.0  # no overflow: the scale never dropped
     # float32: the loss (7.5e34) is finite but 65536 times it overflows: every step is skipped
     # (the scale halves each time, still too large) and the weights stay as they were
     w_inf, engine = run("fp16", 1e35, torch.float32)
     torch.testing.assert_close(w_inf, torch.full_like(w_inf, 0.5), rtol=0, atol=0)
-    assert engine.stepper.scalers["p"].get_scale() < 65536.0
+    assert engine.state("p").scaler.get_scale() < 65536.0

@@ -53,6 +53,7 @@ from mlopt.config import Config
 from mlopt.dynamics.bda import SCHEDULES, Scalar, alpha_at, bda_objective, schedule_factor
 from mlopt.errors import ConfigError, MLOptError
 from mlopt.problem import Problem
+from mlopt.runtime.data import DataStream
 from mlopt.step import split_output, to_device
 
 __all__ = [
@@ -92,7 +93,7 @@ def window_step(problem: Problem) -> int:
         raise MLOptError(
             f"problem {problem.name!r}: window_step needs the problem to belong to an Engine"
         )
-    return engine.stepper.window_position(problem.name)
+    return engine.window_position(problem.name)
 
 
 @dataclass
@@ -187,17 +188,23 @@ def _check_wiring(problem: Problem, settings: BDA) -> None:
         )
 
 
-def _draw(problem: Problem, loader: Iterable | None, state: dict) -> Any:
-    if loader is None:
-        return None
-    for _ in range(2):
-        if state.get("iter") is None:
-            state["iter"] = iter(loader)
-        try:
-            return to_device(next(state["iter"]), problem.engine.device)
-        except StopIteration:
-            state["iter"] = None
-    raise ConfigError(f"BDA: the upper's train_data_loader yielded no batch ({problem.name!r})")
+class UpperStream:
+    """BDA's own stream over the upper's data (the upper's stream is not touched); checkpointed
+    with the lower's state (its ``state_dict``)."""
+
+    def __init__(self, loader: Iterable | None, owner: str) -> None:
+        self.key: int | None = None
+        self.batch: Any = None
+        self.stream = DataStream(loader, owner)
+
+    def state_dict(self) -> dict:
+        """The stream's position."""
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the stream's position (the next update draws a fresh batch)."""
+        self.stream.load_state_dict(state["stream"])
+        self.key, self.batch = None, None
 
 
 def upper_batch(problem: Problem, settings: BDA, lower_batch: Any) -> Any:
@@ -207,15 +214,15 @@ def upper_batch(problem: Problem, settings: BDA, lower_batch: Any) -> Any:
         return source(problem)
     if source == "lower":
         return lower_batch
-    state = problem.__dict__.setdefault("_bda_state", {"key": None, "batch": None, "iter": None})
-    stepper = problem.engine.stepper
-    key = stepper.scheduler.steps[problem.name]
-    fresh = stepper.opened.get(problem.name, False) and state["key"] != key
-    if fresh or state["key"] is None:
-        upper = problem.engine.problems_by_name[settings.upper]
-        state["batch"] = _draw(problem, upper.train_data_loader, state)
-        state["key"] = key
-    return state["batch"]
+    engine = problem.engine
+    st = engine.state(problem.name)
+    upper = engine.problems_by_name[settings.upper]
+    own = st.extra("bda", lambda: UpperStream(upper.train_data_loader, settings.upper))
+    key = st.steps
+    if (st.opened and own.key != key) or own.key is None:
+        own.batch = to_device(own.stream.next(), engine.device)
+        own.key = key
+    return own.batch
 
 
 def bda_training_step(problem: Problem, batch: Any, settings: BDA) -> dict:

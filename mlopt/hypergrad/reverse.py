@@ -4,8 +4,9 @@ The lower problem's updates ``θ_{t+1} = Φ(θ_t, φ)`` are recorded by autograd
 the upper's gradient is the vector-Jacobian product of ``θ_T`` with the upper cotangent
 (Franceschi et al. 2017, Finn et al. 2017). ``Reverse(truncate=K)`` keeps the graph of the last
 ``K`` updates only (Shaban et al. 2019). ``Reverse(checkpoint=k)`` keeps no graph during the
-unroll and recomputes it ``k`` updates at a time in the backward pass (:mod:`mlopt.segments`):
-the same gradient with memory that grows as ``T/k + k`` instead of ``T``.
+unroll and recomputes it ``k`` updates at a time in the backward pass
+(:mod:`mlopt.hypergrad.checkpointed`): the same gradient with memory that grows as ``T/k + k``
+instead of ``T``.
 
 Truncation convention: ``truncate=K`` backpropagates through the LAST ``K`` updates of each unroll
 window, as BOML's truncated RHG does. (BOAT's ``truncate_iter`` counts the other way: it skips the

@@ -11,7 +11,7 @@ cost"). Each update is computed twice (once without and once with its graph), pl
 
 Example:
     >>> import torch
-    >>> from mlopt.segments import state_tensors
+    >>> from mlopt.hypergrad.checkpointed import state_tensors
     >>> state = [{"momentum_buffer": torch.ones(2), "step": 3}, {}]
     >>> keys, flat = state_tensors(state)
     >>> keys, len(flat)
@@ -21,20 +21,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mlopt.errors import HypergradientError
 from mlopt.hypergrad.base import attach, create_graph_requested
-from mlopt.step import clip_by_total_norm, gradient
-from mlopt.wiring import explicit_gradient
-
-if TYPE_CHECKING:
-    from mlopt.problem import Problem
-    from mlopt.stepper import Stepper
 
 __all__ = [
     "StepRecord",
@@ -43,11 +37,13 @@ __all__ = [
     "rebuild_state",
     "record_rng",
     "same_rng",
-    "replay",
+    "replay_scope",
+    "restored",
     "close_segment",
 ]
 
 Vec = tuple[torch.Tensor, ...]
+Replay = Callable[[Vec, Any], tuple[Vec, Any]]
 
 
 @dataclass
@@ -111,54 +107,40 @@ def same_rng(a: tuple | None, b: tuple | None) -> bool:
     )
 
 
+def replay_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Replays run in a forked random state (the live one is untouched)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 @contextlib.contextmanager
-def _replaying(stepper: Stepper, p: Problem, rec: StepRecord) -> Iterator[None]:
-    """Restore what the update saw: batch, random state, learning rates, window position."""
+def restored(
+    rec: StepRecord, optimizer: torch.optim.Optimizer | None, device: torch.device
+) -> Iterator[None]:
+    """Restore the random state and learning rates that an update saw."""
     if rec.rng is not None:
         torch.set_rng_state(rec.rng[0])
         if rec.rng[1] is not None:
-            torch.cuda.set_rng_state(rec.rng[1], stepper.device)
-    groups = p.optimizer.param_groups if p.optimizer is not None else []
-    saved = ([g["lr"] for g in groups], p.__dict__.get("_batch"), stepper.replaying)
+            torch.cuda.set_rng_state(rec.rng[1], device)
+    groups = optimizer.param_groups if optimizer is not None else []
+    saved = [g["lr"] for g in groups]
     for g, lr in zip(groups, rec.lrs):
         g["lr"] = lr
-    p.__dict__["_batch"] = rec.batch
-    stepper.replaying = (p.name, rec.position)
     try:
         yield
     finally:
-        for g, lr in zip(groups, saved[0]):
+        for g, lr in zip(groups, saved):
             g["lr"] = lr
-        p.__dict__["_batch"], stepper.replaying = saved[1], saved[2]
 
 
-def replay(stepper: Stepper, p: Problem, seg: Segment, params: Vec, state: Any) -> tuple[Vec, Any]:
-    """Recompute the segment's updates from ``params``/``state`` (its start), with graph."""
-    dopt, clip = stepper.dopt[p.name], p.config.gradient_clipping
-    devices = [stepper.device] if stepper.device.type == "cuda" else []
-    with contextlib.ExitStack() as pinned:
-        pinned.enter_context(torch.random.fork_rng(devices=devices))
-        for name, sl in seg.slices.items():  # the uppers as the updates saw them
-            pinned.enter_context(stepper.problems[name]._using(seg.uppers[sl]))
-        for rec in seg.steps:
-            with _replaying(stepper, p, rec), p._using(params):
-                loss, metrics = stepper.loss(p, rec.batch)
-                explicit = metrics.pop("gradient", None)
-                if explicit is not None:
-                    grads = explicit_gradient(p, params, explicit)
-                else:
-                    grads = gradient(loss, params, create_graph=True)
-                grads = clip_by_total_norm(grads, clip)
-                new, state = dopt.step(params, grads, state, lr=p.learning_rates())
-            params = tuple(new)
-    return params, state
+def close_segment(
+    name: str, seg: Segment, end_params: Vec, end_state: Any, replay: Replay
+) -> tuple[Vec, Any]:
+    """Join the segment's end to its start and the uppers by one recomputing autograd node.
 
-
-def close_segment(stepper: Stepper, p: Problem, seg: Segment) -> None:
-    """Join the segment's end to its start and the uppers by one recomputing autograd node."""
-    name = p.name
-    end_params = tuple(t.detach() for t in p._current())
-    end_state = stepper.opt_state.get(name)
+    ``replay(params, state)`` recomputes the segment's updates from its start with their graph
+    (injected by the runtime: the same update pipeline as the forward pass). Returns the end
+    parameters and optimizer state, now attached to the start and the uppers.
+    """
     keys, end_flat = state_tensors(end_state)
     start_keys, start_flat = state_tensors(seg.state)
     inputs = (*seg.params, *start_flat, *seg.uppers)
@@ -175,7 +157,7 @@ def close_segment(stepper: Stepper, p: Problem, seg: Segment) -> None:
         # and must not also be counted through the previous segment's node here
         start = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs[:n_start])
         state0 = rebuild_state(seg.state, start_keys, start[len(seg.params) :])
-        params, state = replay(stepper, p, seg, start[: len(seg.params)], state0)
+        params, state = replay(start[: len(seg.params)], state0)
         outs = (*params, *state_tensors(state)[1])
         pairs = [(o, c) for o, c in zip(outs, cotangent) if o.requires_grad and c is not None]
         sources = (*start, *seg.uppers)
@@ -198,5 +180,4 @@ def close_segment(stepper: Stepper, p: Problem, seg: Segment) -> None:
     joined = tuple(t if t.requires_grad else t.requires_grad_() for t in joined[:n]) + tuple(
         joined[n:]
     )
-    p._set_fast(joined[:n])
-    stepper.opt_state[name] = rebuild_state(end_state, keys, joined[n:])
+    return joined[:n], rebuild_state(end_state, keys, joined[n:])

@@ -1,0 +1,110 @@
+"""The update pipeline, shared by the normal path, the checkpointed-reverse replay and roll-back.
+
+A differentiable unroll takes :func:`differentiable_update` (clip -> warm-up/lr -> functional
+optimizer rule, graph kept where asked). Every other update takes :func:`optimizer_update`
+(accumulate -> reduce across ranks -> unscale -> clip -> warm-up/lr -> the user's
+``optimizer.step()``). Non-finite losses and gradients are handled before either, by
+:func:`mlopt.runtime.executor.Runtime.gradients`, with the problem's ``on_nonfinite`` policy.
+
+Example:
+    >>> import torch
+    >>> from mlopt.runtime.state import ProblemState
+    >>> net = torch.nn.Linear(1, 1, bias=False)
+    >>> st = ProblemState("p", net, torch.optim.SGD(net.parameters(), lr=0.5))
+    >>> with torch.no_grad():
+    ...     _ = net.weight.fill_(1.0)
+    >>> optimizer_update(st, st.current(), (torch.ones(1, 1),), accumulation=1, clipping=0.0,
+    ...                  warmup=1.0)
+    True
+    >>> net.weight.item()
+    0.5
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from mlopt.runtime.state import ProblemState
+from mlopt.step import clip_by_total_norm, scaled_lr
+
+__all__ = ["differentiable_update", "optimizer_update"]
+
+Vec = tuple[torch.Tensor, ...]
+
+
+def differentiable_update(
+    dopt: Any,
+    optimizer: torch.optim.Optimizer | None,
+    params: Vec,
+    grads: Vec,
+    state: Any,
+    *,
+    clipping: float,
+    warmup: float,
+    lr: Any,
+    keep_graph: bool,
+) -> tuple[Vec, Any]:
+    """One functional update ``(params, state) -> (params', state')`` of a differentiable unroll.
+
+    The gradient is clipped differentiably (one gradient per update), the learning rate scaled by
+    the warm-up factor, and the graph kept when ``keep_graph``.
+    """
+    grads = clip_by_total_norm(grads, clipping)
+    with scaled_lr(optimizer, warmup), torch.set_grad_enabled(keep_graph):
+        new, state = dopt.step(params, grads, state, lr=lr)
+    return tuple(new), state
+
+
+def optimizer_update(
+    st: ProblemState,
+    params: Vec,
+    grads: Vec,
+    *,
+    accumulation: int,
+    clipping: float,
+    warmup: float,
+    reduce: Callable[[Sequence[torch.Tensor]], None] | None = None,
+    step_scheduler: bool = True,
+) -> bool:
+    """Accumulate ``grads`` into ``.grad`` and, every ``accumulation`` calls, step the optimizer.
+
+    Returns True when the optimizer stepped. The accumulated gradient is averaged across ranks
+    (``reduce``), unscaled by the problem's fp16 scaler, clipped to ``clipping`` (total norm),
+    and applied with the learning rate scaled by ``warmup``.
+    """
+    for leaf, g in zip(params, grads):
+        g = g.detach() / accumulation
+        leaf.grad = g if leaf.grad is None else leaf.grad + g
+    st.accumulated += 1
+    if st.accumulated < accumulation:
+        return False
+    if reduce is not None:
+        reduce(params)
+    scaler = st.scaler
+    if scaler is not None:  # fp16: overflowing steps are skipped and the scale lowered
+        scaler.unscale_(st.optimizer)
+    if clipping:  # the accumulated, averaged gradient, as torch users expect
+        torch.nn.utils.clip_grad_norm_(params, clipping)
+    with scaled_lr(st.optimizer, warmup):
+        if scaler is None:
+            st.optimizer.step()
+        else:
+            scaler.step(st.optimizer)
+            scaler.update()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.accumulated = 0
+    st.updates += 1
+    if step_scheduler and st.scheduler is not None:
+        st.scheduler.step()
+    return True
+
+
+def scheduler_step_quietly(scheduler: Any) -> None:
+    """Step an lr scheduler whose optimizer's ``step()`` is never called (a functional unroll)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+        scheduler.step()
