@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ from mlopt.loggers import make_logger
 from mlopt.problem import Problem, bind, problem_state
 from mlopt.runtime.executor import Runtime, Services
 from mlopt.runtime.plan import compile_plan
+from mlopt.runtime.schedule import operations
 from mlopt.runtime.state import ProblemState, RunState
 
 __all__ = ["Engine"]
@@ -193,11 +195,18 @@ class Engine:
         return self.runtime.window_position(name)
 
     # ------------------------------------------------------------------ description
-    def describe(self) -> str:
-        """The program and its schedule as text (also what ``print(engine)`` shows)."""
-        unroll = {n: p.config.unroll_steps for n, p in self.problems_by_name.items()}
-        methods = {n: repr(p.config.type) for n, p in self.problems_by_name.items()}
-        return describe(self.graph, unroll, methods)
+    def describe(self, iterations: int | None = None) -> str:
+        """The program, its schedule and the operations that :meth:`step` executes in the first
+        ``iterations`` iterations (default: two periods of the schedule, at most 8), as text;
+        also what ``print(engine)`` shows."""
+        unroll = {n: pp.unroll_steps for n, pp in self.plan.problems.items()}
+        methods = {n: repr(pp.method) for n, pp in self.plan.problems.items()}
+        if iterations is None:
+            iterations = min(8, 2 * math.prod(unroll.values()))
+        lines = [describe(self.graph, unroll, methods), "operations (what Engine.step() runs):"]
+        for i, ops in enumerate(operations(self.plan, iterations), start=1):
+            lines.append(f"  iteration {i}: " + "; ".join(map(str, ops)))
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.describe()

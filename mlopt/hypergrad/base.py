@@ -200,6 +200,15 @@ def attach(params: Vec, uppers: Vec, vjp_fn: Callable[[Vec], Vec]) -> Vec:
 
 
 _REGISTRY: dict[str, Callable[[], Method]] = {}
+# methods defined outside mlopt.hypergrad, imported on first use (no import side effects needed)
+_LAZY: dict[str, str] = {"warpgrad": "mlopt.meta.methods"}
+
+
+def _load_lazy(name: str) -> None:
+    if name not in _REGISTRY and name in _LAZY:
+        import importlib
+
+        importlib.import_module(_LAZY[name])
 
 
 def register_method(name: str, factory: Callable[[], Method], *, overwrite: bool = False) -> None:
@@ -219,7 +228,7 @@ def register_method(name: str, factory: Callable[[], Method], *, overwrite: bool
 
 def available_methods() -> list[str]:
     """Names accepted by ``Config(type=...)``."""
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_LAZY))
 
 
 def resolve_method(spec: Any) -> Method:
@@ -229,6 +238,7 @@ def resolve_method(spec: Any) -> Method:
         ConfigError: for an unknown name (the message lists the valid ones).
     """
     if isinstance(spec, str):
+        _load_lazy(spec)
         if spec not in _REGISTRY:
             raise ConfigError(
                 f"unknown hypergradient method {spec!r}; valid names: {available_methods()}, "

@@ -149,8 +149,9 @@ class Exposure:
         self._cache[name] = (key, out)
         return out
 
-    def close_segment(self, name: str) -> None:  # pragma: no cover - the executor's
-        raise NotImplementedError
+    def close_segment(self, name: str) -> None:
+        """Join an open checkpoint segment (see :class:`mlopt.runtime.replay.Replay`)."""
+        raise NotImplementedError  # pragma: no cover
 
     def upper_tensors(self, name: str) -> tuple[Vec, dict[str, slice]]:
         """The current parameters of ``name``'s uppers, concatenated, and each one's slice."""

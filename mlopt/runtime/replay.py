@@ -1,0 +1,92 @@
+"""Checkpointed reverse mode in the runtime: records of each update, segment joins, replays.
+
+The maths (the recomputing autograd node) is :func:`mlopt.hypergrad.checkpointed.close_segment`;
+this mixin gives it the replay, which runs the segment's updates again through the same update
+pipeline (:func:`mlopt.runtime.pipeline.differentiable_update`), with the batches, random state,
+learning rates and window positions the updates saw.
+
+Example:
+    >>> from mlopt.hypergrad import Reverse
+    >>> Reverse(checkpoint=4).checkpoint
+    4
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mlopt.hypergrad import checkpointed as ckr
+from mlopt.runtime.context import Exposure
+from mlopt.runtime.match import explicit_gradient
+from mlopt.runtime.pipeline import differentiable_update
+from mlopt.step import gradient
+
+__all__ = ["Replay"]
+
+Vec = tuple[torch.Tensor, ...]
+
+
+class Replay(Exposure):
+    """Segments of ``Reverse(checkpoint=k)``: open, record, close (join) and replay."""
+
+    def segment_record(self, name: str, batch: Any) -> ckr.StepRecord:
+        """Open (or extend) the segment of ``Reverse(checkpoint=k)`` with this update's record."""
+        st = self.states[name]
+        if st.segment is None:
+            st.segment = ckr.Segment(st.current(), st.opt_state, *self.upper_tensors(name))
+        rng = ckr.record_rng(self.plan.device)  # stored only where the RNG moved between updates
+        seg = st.segment
+        stored = None if seg.steps and ckr.same_rng(rng, seg.rng_after) else rng
+        warm = self.plan.problems[name].warmup(st.updates)
+        lrs = [g["lr"] * warm for g in st.optimizer.param_groups]
+        return ckr.StepRecord(batch, stored, lrs, self.window_position(name))
+
+    def close_segment(self, name: str) -> None:
+        """Join the open segment's end to its start by one recomputing autograd node."""
+        st = self.states[name]
+        seg, st.segment = st.segment, None
+        if seg is None or not seg.steps:
+            return
+        params, st.opt_state = ckr.close_segment(
+            name,
+            seg,
+            tuple(t.detach() for t in st.current()),
+            st.opt_state,
+            lambda p0, s0: self.replay(name, seg, p0, s0),
+        )
+        st.set_fast(params)
+
+    def replay(self, name: str, seg: ckr.Segment, params: Vec, state: Any) -> tuple[Vec, Any]:
+        """Recompute a segment's updates from its start, with graph (in the backward pass)."""
+        pp, st, p = self.plan.problems[name], self.states[name], self.problems[name]
+        with ckr.replay_scope(self.plan.device), self.pinned(seg.slices, seg.uppers):
+            for rec in seg.steps:
+                with (
+                    ckr.restored(rec, st.optimizer, self.plan.device),
+                    self.replaying(name, rec.position),
+                ):
+                    saved, st.batch = st.batch, rec.batch
+                    try:
+                        with st.using(params):
+                            loss, metrics = self.loss(p, rec.batch)
+                            explicit = metrics.pop("gradient", None)
+                            if explicit is not None:
+                                grads = explicit_gradient(p, params, explicit)
+                            else:
+                                grads = gradient(loss, params, create_graph=True)
+                            params, state = differentiable_update(
+                                pp.dopt,
+                                None,
+                                params,
+                                grads,
+                                state,
+                                clipping=pp.clipping,
+                                warmup=1.0,
+                                lr=p.learning_rates(),
+                                keep_graph=True,
+                            )
+                    finally:
+                        st.batch = saved
+        return params, state
