@@ -27,6 +27,7 @@ from mlopt.config import freeze
 from mlopt.errors import ConfigError, DependencyError
 from mlopt.graph import Graph, step_order
 from mlopt.hypergrad.base import Method
+from mlopt.problem import problem_state
 from mlopt.runtime.match import init_positions
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def _plan_problem(
     if (differentiable or tracks) and p.optimizer is not None:
         from mlopt.optim import DifferentiableOptimizer
 
-        dopt = DifferentiableOptimizer(p.optimizer, p._leaves())
+        dopt = DifferentiableOptimizer(p.optimizer, problem_state(p).leaves())
     u2l_lowers = graph.u2l.get(name, ())
     direct = tuple(
         low
