@@ -195,6 +195,14 @@ def main(out: str) -> None:
     # 4. data sharding of a shuffled DataLoader: the ranks must walk the same stream
     result["seen_shuffled"] = _shuffled_recorder(0)
 
+    # 5. DARTS roll-back: the redone updates are averaged across ranks too (same pipeline)
+    engine, up, low, up_grads, low_grads = build_program(
+        "finite_difference", 1, 4, engine_kw={"strategy": "ddp", "roll_back": True}
+    )
+    engine.run()
+    result["darts_lower_grads"] = [g[0] for g in low_grads]  # update, redo, update, redo, ...
+    result["darts_final"] = [up.weight.detach().clone(), low.weight.detach().clone()]
+
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 

@@ -143,3 +143,12 @@ def test_shuffled_loader_shards_partition_an_epoch(ranks):
     seen0, seen1 = ranks[0]["seen_shuffled"], ranks[1]["seen_shuffled"]
     assert len(seen0) == len(seen1) == 4
     assert sorted(seen0 + seen1) == list(range(8))
+
+
+def test_roll_back_redo_is_averaged_and_ranks_stay_identical(ranks):
+    a, b = ranks[0], ranks[1]
+    assert len(a["darts_lower_grads"]) == 8  # 4 updates and 4 redone updates
+    for ga, gb in zip(a["darts_lower_grads"], b["darts_lower_grads"]):
+        assert torch.equal(ga, gb)  # every optimizer step saw the rank-averaged gradient
+    for ta, tb in zip(a["darts_final"], b["darts_final"]):
+        assert torch.equal(ta, tb)
