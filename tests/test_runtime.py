@@ -247,3 +247,28 @@ def test_methods_outside_hypergrad_resolve_without_importing_them_first():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "WarpGrad"
+
+
+def test_forward_mode_names_the_torch_func_limitation_of_mse_loss():
+    class MSEFit(Fit):
+        def training_step(self, batch):
+            x, y = batch
+            return nn.functional.mse_loss(self.module(x), y) + torch.exp(
+                self.hp.module.weight
+            ).sum() * sum((p**2).sum() for p in self.parameters())
+
+    torch.manual_seed(0)
+    net, hp_mod = nn.Linear(2, 1).double(), Vec([-1.0])
+    fit = MSEFit(
+        "fit",
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        DataLoader(data(0), batch_size=4),
+        mlopt.Config(type="forward", unroll_steps=2),
+    )
+    hp = HP("hp", hp_mod, torch.optim.SGD(hp_mod.parameters(), lr=0.1), DataLoader(data(1)))
+    engine = mlopt.Engine([hp, fit], {"u2l": {hp: [fit]}, "l2u": {fit: [hp]}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # forward mode's vmap fallback warning
+        with pytest.raises(mlopt.ConfigError, match=r"problem 'fit'.*mse_loss.*\(\(pred - y\)"):
+            engine.step()

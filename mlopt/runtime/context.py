@@ -35,7 +35,7 @@ from mlopt.step import autocast, split_output
 if TYPE_CHECKING:
     from mlopt.problem import Problem
 
-__all__ = ["Exposure", "named_vjp"]
+__all__ = ["Exposure", "named_vjp", "forward_step"]
 
 Vec = tuple[torch.Tensor, ...]
 
@@ -48,6 +48,21 @@ def named_vjp(method: Any, ctx: LowerContext, cotangent: Vec) -> Vec:
         if str(err).startswith("hypergradient through"):
             raise
         raise HypergradientError(f"hypergradient through {ctx.name!r} ({method!r}): {err}") from err
+
+
+def forward_step(name: str, method: Any, memory: Any, transition: Any) -> Any:
+    """``method.after_step`` whose torch.func limitation is reported as a named error."""
+    try:
+        return method.after_step(memory, transition)
+    except RuntimeError as err:
+        if "ZeroTensors are immutable" not in str(err):
+            raise
+        raise ConfigError(
+            f"problem {name!r}: {method!r} pushes tangents through training_step with "
+            "torch.func (forward over reverse), which fails inside some torch losses in torch "
+            f"{torch.__version__} (torch.nn.functional.mse_loss: 'ZeroTensors are immutable'); "
+            "write the loss out, e.g. ((pred - y) ** 2).mean(), or use Config(type='reverse')"
+        ) from err
 
 
 class Exposure:

@@ -28,6 +28,7 @@ import torch
 from mlopt.errors import HypergradientError
 from mlopt.hypergrad import checkpointed as ckr
 from mlopt.runtime import rollback, schedule
+from mlopt.runtime.context import forward_step
 from mlopt.runtime.match import detach_state, explicit_gradient
 from mlopt.runtime.pipeline import differentiable_update, optimizer_update, scheduler_step_quietly
 from mlopt.runtime.plan import Plan
@@ -179,7 +180,7 @@ class Runtime(Replay):
         ):
             self.close_segment(name)
         if transition is not None:
-            st.memory = pp.method.after_step(st.memory, transition)
+            st.memory = forward_step(name, pp.method, st.memory, transition)
         self.version += 1
         return schedule.book(self.plan, self.states, name)
 
