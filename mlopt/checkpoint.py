@@ -165,11 +165,12 @@ def save(
     folder: str | None,
     name: str,
     *,
+    latest: bool,
     parameters: list[torch.Tensor],
     write: bool = True,
     barrier: Any = None,
 ) -> str:
-    """Atomically write ``state`` as ``folder/name`` (and ``last.pt`` for periodic saves).
+    """Atomically write ``state`` as ``folder/name``, and as ``last.pt`` when ``latest``.
 
     Raises:
         HypergradientError: some parameter is NaN/Inf (the previous checkpoint is kept).
@@ -184,7 +185,7 @@ def save(
     path = os.path.join(folder, name)
     if write:
         atomic_save(state, path)
-        if name.startswith("iter_"):
+        if latest:
             atomic_save(state, os.path.join(folder, "last.pt"))
     if barrier is not None:
         barrier()

@@ -111,8 +111,7 @@ class Engine:
         self.problems_by_name = {p.name: p for p in problems}
         states = {p.name: problem_state(p) for p in problems}
         for p in problems:
-            if p.engine is not None:
-                bind(p, p.engine)  # raises unless it is free or already ours (it is not ours)
+            bind(p, self, check_only=True)  # before anything changes
         for st in states.values():
             st.restrict_to_optimizer()
         for p in problems:
@@ -348,6 +347,7 @@ class Engine:
             self.state_dict(),
             self.config.checkpoint_dir,
             name or f"iter_{self.iteration:08d}.pt",
+            latest=name is None,
             parameters=params,
             write=dist is None or dist.rank == 0,
             barrier=None if dist is None else dist.barrier,

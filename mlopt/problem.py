@@ -192,26 +192,23 @@ class Problem:
         """Write the fast weights into the module's parameters and drop the graph."""
         self._state.commit()
 
-    # ------------------------------------------------------------------ data
-    def _next_batch(self, rank: int = 0, world: int = 1) -> Any:
-        """The next batch (rank's shard under data parallelism), restarting the loader when done."""
-        batch = None
-        for i in range(world):  # every rank walks the same stream and keeps its own share
-            drawn = self._state.data.next()
-            if i == rank:
-                batch = drawn
-        self._state.batch = batch
-        return batch
-
 
 def problem_state(problem: Problem) -> ProblemState:
     """The :class:`~mlopt.runtime.state.ProblemState` holding ``problem``'s mutable state."""
     return problem._state
 
 
-def bind(problem: Problem, engine: Any) -> None:
-    """Attach ``problem`` to ``engine`` (``self.<name>`` then finds the engine's problems)."""
+def bind(problem: Problem, engine: Any, *, check_only: bool = False) -> None:
+    """Attach ``problem`` to ``engine`` (``self.<name>`` then finds the engine's problems).
+
+    Raises:
+        ConfigError: the problem already belongs to another Engine.
+    """
     current = problem.__dict__["_engine"]
     if current is not None and current is not engine:
-        raise ConfigError(f"problem {problem.name!r} already belongs to another Engine")
-    problem.__dict__["_engine"] = engine
+        raise ConfigError(
+            f"problem {problem.name!r} already belongs to another Engine; build a new Problem "
+            "(with its own module and optimizer) for each Engine"
+        )
+    if not check_only:
+        problem.__dict__["_engine"] = engine

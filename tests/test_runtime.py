@@ -272,3 +272,11 @@ def test_forward_mode_names_the_torch_func_limitation_of_mse_loss():
         warnings.simplefilter("ignore")  # forward mode's vmap fallback warning
         with pytest.raises(mlopt.ConfigError, match=r"problem 'fit'.*mse_loss.*\(\(pred - y\)"):
             engine.step()
+
+
+def test_a_problem_of_another_engine_is_refused_before_anything_changes():
+    engine, low, up = darts({}, iters=1)
+    other_low = Low("other", Vec([0.0, 0.0]), None)
+    with pytest.raises(mlopt.ConfigError, match=r"problem 'up' already belongs to another Engine"):
+        mlopt.Engine([up, other_low])
+    assert up.engine is engine

@@ -1,19 +1,23 @@
-"""How a hypergradient reaches an upper: what a reading problem sees of its lowers.
+"""Losses and lower contexts: what a hypergradient method sees of a lower problem.
 
 While an upper's ``training_step`` runs, a lower that it reads (an ``l2u`` edge) shows it either
 its differentiable unroll (``reverse``) or an autograd node (:func:`mlopt.hypergrad.attach`) whose
-backward is the lower's method. The upper's gradient is then plain ``torch.autograd.grad``, and a
-middle level differentiates through its own lowers the same way.
+backward is the lower's method applied to the :class:`LowerContext` built here
+(:meth:`mlopt.runtime.replay.Replay.exposed_params` decides which). The upper's gradient is then
+plain ``torch.autograd.grad``, and a middle level differentiates through its own lowers the same
+way.
 
 Example:
-    >>> import torch, mlopt
-    >>> class P(mlopt.Problem):
-    ...     def training_step(self, batch):
-    ...         return (self.module.weight ** 2).sum()
-    >>> net = torch.nn.Linear(2, 1, bias=False)
-    >>> engine = mlopt.Engine([P("p", net, torch.optim.SGD(net.parameters(), lr=0.1))])
-    >>> engine.runtime.context("p").uppers
-    ()
+    >>> from mlopt.errors import HypergradientError
+    >>> class Diverges:
+    ...     def vjp(self, ctx, cotangent):
+    ...         raise HypergradientError("cg diverged")
+    >>> ctx = LowerContext("low", (), None, (), lambda p: 0.0, ())
+    >>> try:
+    ...     named_vjp(Diverges(), ctx, ())
+    ... except HypergradientError as err:
+    ...     print(str(err).split(" (")[0])
+    hypergradient through 'low'
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mlopt.errors import ConfigError, HypergradientError
-from mlopt.hypergrad.base import LowerContext, Transition, attach
+from mlopt.hypergrad.base import LowerContext, Transition
 from mlopt.hypergrad.transition import transition_map
 from mlopt.runtime.plan import Plan
 from mlopt.runtime.state import ProblemState
@@ -143,31 +147,6 @@ class Exposure:
         return self.plan.problems[name].unroll_steps
 
     # ------------------------------------------------------------------ exposure
-    def exposed_params(self, name: str) -> Vec | None:
-        """What the active upper sees of ``name`` (None: its plain current parameters)."""
-        if not self._active:
-            return None
-        reader = self._active[-1]
-        pp, st = self.plan.problems[name], self.states[name]
-        if reader == name or name not in self.plan.problems[reader].reads:
-            return None
-        if st.segment is not None:  # read in mid-segment: join it now
-            self.close_segment(name)
-        if pp.method.exposes_graph and st.fast is not None and pp.differentiable:
-            return st.fast
-        ctx = self.context(name)
-        key = (self.version, tuple(id(t) for t in ctx.uppers), tuple(id(t) for t in st.current()))
-        hit = self._cache.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        out = attach(ctx.params, ctx.uppers, functools.partial(named_vjp, pp.method, ctx))
-        self._cache[name] = (key, out)
-        return out
-
-    def close_segment(self, name: str) -> None:
-        """Join an open checkpoint segment (see :class:`mlopt.runtime.replay.Replay`)."""
-        raise NotImplementedError  # pragma: no cover
-
     def upper_tensors(self, name: str) -> tuple[Vec, dict[str, slice]]:
         """The current parameters of ``name``'s uppers, concatenated, and each one's slice."""
         tensors: list[torch.Tensor] = []

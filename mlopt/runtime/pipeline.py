@@ -31,7 +31,7 @@ import torch
 from mlopt.runtime.state import ProblemState
 from mlopt.step import clip_by_total_norm, scaled_lr
 
-__all__ = ["differentiable_update", "optimizer_update"]
+__all__ = ["differentiable_update", "optimizer_update", "scheduler_step_quietly"]
 
 Vec = tuple[torch.Tensor, ...]
 

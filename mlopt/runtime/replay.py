@@ -13,12 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from mlopt.hypergrad import checkpointed as ckr
-from mlopt.runtime.context import Exposure
+from mlopt.hypergrad.base import attach
+from mlopt.runtime.context import Exposure, named_vjp
 from mlopt.runtime.match import explicit_gradient
 from mlopt.runtime.pipeline import differentiable_update
 from mlopt.step import gradient
@@ -29,7 +31,29 @@ Vec = tuple[torch.Tensor, ...]
 
 
 class Replay(Exposure):
-    """Segments of ``Reverse(checkpoint=k)``: open, record, close (join) and replay."""
+    """What an upper sees of its lowers, and the segments of ``Reverse(checkpoint=k)``: open,
+    record, close (join, also when an upper reads a lower in mid-segment) and replay."""
+
+    def exposed_params(self, name: str) -> Vec | None:
+        """What the active upper sees of ``name`` (None: its plain current parameters)."""
+        if not self._active:
+            return None
+        reader = self._active[-1]
+        pp, st = self.plan.problems[name], self.states[name]
+        if reader == name or name not in self.plan.problems[reader].reads:
+            return None
+        if st.segment is not None:  # read in mid-segment: join it now
+            self.close_segment(name)
+        if pp.method.exposes_graph and st.fast is not None and pp.differentiable:
+            return st.fast
+        ctx = self.context(name)
+        key = (self.version, tuple(id(t) for t in ctx.uppers), tuple(id(t) for t in st.current()))
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = attach(ctx.params, ctx.uppers, functools.partial(named_vjp, pp.method, ctx))
+        self._cache[name] = (key, out)
+        return out
 
     def segment_record(self, name: str, batch: Any) -> ckr.StepRecord:
         """Open (or extend) the segment of ``Reverse(checkpoint=k)`` with this update's record."""

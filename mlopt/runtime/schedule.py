@@ -6,14 +6,8 @@ the next, and ``print(engine)`` lists the operations of the first iterations by 
 generator over counters that only book steps.
 
 Example:
-    >>> import torch, mlopt
-    >>> class P(mlopt.Problem):
-    ...     def training_step(self, batch):
-    ...         return (self.module.weight ** 2).sum()
-    >>> net = torch.nn.Linear(1, 1, bias=False)
-    >>> engine = mlopt.Engine([P("p", net, torch.optim.SGD(net.parameters(), lr=0.1))])
-    >>> [str(op) for op in operations(engine.plan, 1)[0]]
-    ['update p', 'open window p']
+    >>> [str(op) for op in (Update("low"), RollBack("up", ("low",)), OpenWindow("low"))]
+    ['update low', 'roll back low (after up)', 'open window low']
 """
 
 from __future__ import annotations
