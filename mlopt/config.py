@@ -38,8 +38,69 @@ def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -
         raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
 
 
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"{owner}: {name} must be True or False, got {value!r} ({type(value).__name__}); "
+            f"a string such as 'false' would switch it on"
+        )
+
+
+def _check_text(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{owner}: {name} must be a non-empty string, got {value!r}")
+
+
+def _check_device(value: Any) -> None:
+    """``device`` must parse as a torch device that this machine has."""
+    import torch
+
+    if isinstance(value, torch.device):
+        dev = value
+    else:
+        try:
+            dev = torch.device(value)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"EngineConfig: device={value!r} is not a device; use e.g. 'cpu', 'cuda' or "
+                "'cuda:1' (or leave device=None and choose with strategy=)"
+            ) from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ConfigError(
+                f"EngineConfig: device={value!r} but this machine has {count} CUDA device(s); "
+                "use device='cpu' or leave device=None (CUDA when present, else the CPU)"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"EngineConfig: device={value!r} but MPS is not available here")
+    elif dev.type != "cpu":
+        raise ConfigError(
+            f"EngineConfig: device={value!r}: mlopt runs on 'cpu', 'cuda' or 'mps' devices"
+        )
+
+
+class _ReadOnlyOnceCompiled:
+    """Fields can change until an Engine compiles the object; then a change is an error (it
+    would be ignored by the running program)."""
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        owner = self.__dict__.get("_owner")
+        if owner is not None:
+            kind = type(self).__name__
+            raise ConfigError(
+                f"{owner}: {kind}.{key} cannot change once an Engine has compiled the program "
+                f"(the change would be ignored); pass {kind}({key}=...) before building the "
+                "Engine"
+            )
+        if key == "resample":
+            self.__dict__["_auto_resample"] = value is None
+        super().__setattr__(key, value)
+
+
 @dataclass
-class Config:
+class Config(_ReadOnlyOnceCompiled):
     """How one problem is solved and how hypergradients flow back through it.
 
     Attributes:
@@ -77,6 +138,14 @@ class Config:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (again: the Engine calls this when it compiles the program).
+
+        Raises:
+            ConfigError: naming the field, the value and what is allowed.
+        """
         owner = "Config"
         _check_int(owner, "unroll_steps", self.unroll_steps, 1)
         _check_int(owner, "gradient_accumulation", self.gradient_accumulation, 1)
@@ -84,12 +153,17 @@ class Config:
         _check_int(owner, "log_step", self.log_step, 0)
         _check_choice(owner, "precision", self.precision, PRECISIONS)
         _check_choice(owner, "on_nonfinite", self.on_nonfinite, _ON_NONFINITE)
-        if self.resample is None:
-            self.resample = "window" if self.initialize_from is not None else "step"
-        _check_choice(owner, "resample", self.resample, _RESAMPLE)
         clip = self.gradient_clipping
-        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip >= 0:
-            raise ConfigError(f"Config: gradient_clipping must be a number >= 0, got {clip!r}")
+        if (
+            not isinstance(clip, (int, float))
+            or isinstance(clip, bool)
+            or not (clip >= 0 and math.isfinite(clip))
+        ):
+            raise ConfigError(
+                f"Config: gradient_clipping must be a finite number >= 0 (0 disables), got {clip!r}"
+            )
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"Config: options must be a dict, got {type(self.options).__name__}")
         if self.initialize_from is not None and not isinstance(self.initialize_from, str):
             name = getattr(self.initialize_from, "name", None)
             if not isinstance(name, str):
@@ -97,30 +171,24 @@ class Config:
                     "Config: initialize_from must be the name of an upper problem (a string), "
                     f"got {self.initialize_from!r}"
                 )
-            self.initialize_from = name
+            self.__dict__["initialize_from"] = name
+        if self.__dict__.get("_auto_resample", self.resample is None):
+            self.__dict__["_auto_resample"] = True
+            self.__dict__["resample"] = "window" if self.initialize_from is not None else "step"
+        _check_choice(owner, "resample", self.resample, _RESAMPLE)
         # The method itself is resolved (and unknown names rejected) by mlopt.hypergrad.
         from mlopt.hypergrad import resolve_method
 
-        self.type = resolve_method(self.type)
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        owner = self.__dict__.get("_owner")
-        if owner is not None:
-            raise ConfigError(
-                f"problem {owner!r}: Config.{key} cannot change once an Engine has compiled the "
-                f"program (the change would be ignored); pass Config({key}=...) to the problem "
-                "before building the Engine"
-            )
-        super().__setattr__(key, value)
+        self.__dict__["type"] = resolve_method(self.type)
 
 
-def freeze(config: Config, owner: str) -> None:
-    """Make ``config`` read-only: the Engine of problem ``owner`` has compiled it into its plan."""
+def freeze(config: Config | EngineConfig, owner: str) -> None:
+    """Make ``config`` read-only: an Engine has compiled it (``owner`` names whose it is)."""
     config.__dict__["_owner"] = owner
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(_ReadOnlyOnceCompiled):
     """Settings of a whole run.
 
     Attributes:
@@ -164,6 +232,14 @@ class EngineConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (again: the Engine calls this when it is built).
+
+        Raises:
+            ConfigError: naming the field, the value and what is allowed.
+        """
         owner = "EngineConfig"
         _check_int(owner, "train_iters", self.train_iters, 0)
         _check_int(owner, "valid_step", self.valid_step, 0)
@@ -172,8 +248,16 @@ class EngineConfig:
         _check_choice(owner, "logger_type", self.logger_type, LOGGERS)
         _check_choice(owner, "strategy", self.strategy, STRATEGIES)
         _check_choice(owner, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
+        for flag in ("progress", "early_stopping", "roll_back"):
+            _check_bool(owner, flag, getattr(self, flag))
+        _check_text(owner, "log_dir", self.log_dir)
+        _check_text(owner, "early_stopping_metric", self.early_stopping_metric)
         if self.seed is not None:
             _check_int(owner, "seed", self.seed, 0)
+        if self.device is not None:
+            _check_device(self.device)
+        if self.checkpoint_dir is not None:
+            _check_text(owner, "checkpoint_dir", self.checkpoint_dir)
         if self.early_stopping and self.valid_step == 0:
             raise ConfigError(
                 "EngineConfig: early_stopping needs validation: set valid_step > 0 and override "
@@ -187,10 +271,10 @@ class EngineConfig:
             raise ConfigError(
                 f"EngineConfig: resume must be a checkpoint path or True, got {self.resume!r}"
             )
+        if self.resume == "":
+            raise ConfigError(
+                "EngineConfig: resume='' is empty; give a checkpoint path, True for the latest "
+                "in checkpoint_dir, or None to start fresh"
+            )
         if self.resume is True and self.checkpoint_dir is None:
             raise ConfigError("EngineConfig: resume=True needs checkpoint_dir to look in")
-
-    @property
-    def best_initial(self) -> float:
-        """The worst possible value of the early-stopping metric."""
-        return math.inf if self.early_stopping_mode == "min" else -math.inf

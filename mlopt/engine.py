@@ -37,22 +37,13 @@ from mlopt.loggers import make_logger
 from mlopt.problem import Problem, bind, problem_state
 from mlopt.runtime.executor import Runtime, Services
 from mlopt.runtime.plan import compile_plan
+from mlopt.runtime.run import choose_device, compile_run
 from mlopt.runtime.schedule import operations
 from mlopt.runtime.state import ProblemState, RunState
 
 __all__ = ["Engine"]
 
 log = logging.getLogger("mlopt")
-
-
-def _choose_device(config: EngineConfig) -> torch.device:
-    if config.device is not None:
-        return torch.device(config.device)
-    if config.strategy == "cpu":
-        return torch.device("cpu")
-    if config.strategy == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("EngineConfig(strategy='cuda') but CUDA is not available; use 'default'")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_problem(p: Problem, st: ProblemState) -> None:
@@ -106,6 +97,7 @@ class Engine:
             if not isinstance(p, Problem):
                 raise DependencyError(f"Engine: {p!r} is not a mlopt.Problem")
         self.config = config
+        run = self.run_plan = compile_run(config)
         self.graph = normalize([p.name for p in problems], dependencies)
         validate(self.graph)
         self.problems_by_name = {p.name: p for p in problems}
@@ -116,10 +108,10 @@ class Engine:
             st.restrict_to_optimizer()
         for p in problems:
             _check_problem(p, states[p.name])
-        self.device = _choose_device(config)
+        self.device = choose_device(run)
         self.distributed = None
         services = Services()
-        if config.strategy == "ddp":
+        if run.strategy == "ddp":
             from mlopt.distributed import DataParallel
 
             self.distributed = DataParallel(self.device)
@@ -127,9 +119,9 @@ class Engine:
             services = Services(
                 self.distributed.rank, self.distributed.world, self.distributed.reduce_grads
             )
-        self.plan = compile_plan(self.problems_by_name, self.graph, self.device, config.roll_back)
-        if config.seed is not None:
-            seed_everything(config.seed)  # the same on every rank: see DataParallel.start
+        self.plan = compile_plan(self.problems_by_name, self.graph, self.device, run.roll_back)
+        if run.seed is not None:
+            seed_everything(run.seed)  # the same on every rank: see DataParallel.start
         for p in problems:
             bind(p, self)
             if states[p.name].module is not None:
@@ -138,10 +130,10 @@ class Engine:
         self.runtime = Runtime(self.plan, self.problems_by_name, states, services)
         if self.distributed is not None:
             self.distributed.start([st.module for st in states.values() if st.module is not None])
-        self.run_state = RunState(best_metric=config.best_initial)
+        self.run_state = RunState(best_metric=run.initial_best)
         self.logger = make_logger(config, rank=services.rank)
-        if config.resume:
-            self.load_checkpoint(config.resume)
+        if run.resume is not None:
+            self.load_checkpoint(run.resume)
         self.runtime.open_windows()
 
     # ------------------------------------------------------------------ read-outs
@@ -226,23 +218,19 @@ class Engine:
 
     def run(self) -> dict:
         """Run until ``train_iters`` iterations (or early stopping); returns a summary dict."""
-        cfg = self.config
+        run = self.run_plan
         bar = None
-        if cfg.progress and self.runtime.services.rank == 0:
+        if run.progress and self.runtime.services.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.train_iters, initial=self.iteration, desc="mlopt")
+            bar = tqdm(total=run.iterations, initial=self.iteration, desc="mlopt")
         pending_save = False
         try:
-            while self.iteration < cfg.train_iters and not self.stopped:
+            while self.iteration < run.iterations and not self.stopped:
                 self.step()
-                if cfg.valid_step and self.iteration % cfg.valid_step == 0:
+                if run.validate_now(self.iteration):
                     self._validate()
-                if (
-                    cfg.checkpoint_dir
-                    and cfg.checkpoint_step
-                    and (self.iteration % cfg.checkpoint_step == 0)
-                ):
+                if run.checkpoint_now(self.iteration):
                     pending_save = True
                 if pending_save and ckpt.at_boundary(self.plan, self.states):
                     self.save_checkpoint()
@@ -257,7 +245,7 @@ class Engine:
             if bar is not None:
                 bar.close()
         self.runtime.sync_modules()
-        if cfg.checkpoint_dir:
+        if run.checkpoint_dir is not None:
             if ckpt.at_boundary(self.plan, self.states):
                 self.save_checkpoint()
             else:
@@ -288,27 +276,22 @@ class Engine:
             metrics = self.distributed.average_metrics(metrics)
         self.history.append({"iteration": self.iteration, **metrics})
         self.logger.log({f"validation/{k}": v for k, v in metrics.items()}, self.iteration)
-        cfg, run = self.config, self.run_state
-        if cfg.early_stopping:
-            key = cfg.early_stopping_metric
+        stop, run = self.run_plan.early_stopping, self.run_state
+        if stop is not None:
+            key = stop.metric
             if key not in metrics:
                 raise ConfigError(
                     f"early_stopping_metric {key!r} is not in Engine.validation()'s result "
                     f"(keys: {sorted(metrics)})"
                 )
             value = metrics[key]
-            better = (
-                value < self.best_metric
-                if cfg.early_stopping_mode == "min"
-                else (value > self.best_metric)
-            )
-            if better:
+            if stop.better(value, self.best_metric):
                 run.best_metric, run.bad_validations = value, 0
                 # saved at the next window boundary (an unroll's graph cannot be saved)
-                run.pending_best = bool(cfg.checkpoint_dir)
+                run.pending_best = self.run_plan.checkpoint_dir is not None
             else:
                 run.bad_validations += 1
-                if run.bad_validations >= cfg.early_stopping_patience:
+                if run.bad_validations >= stop.patience:
                     run.stopped = True
                     log.info("early stopping at iteration %d (%s=%g)", self.iteration, key, value)
         return metrics
@@ -345,7 +328,7 @@ class Engine:
         params = [t for st in self.states.values() if st.module for t in st.module.parameters()]
         return ckpt.save(
             self.state_dict(),
-            self.config.checkpoint_dir,
+            self.run_plan.checkpoint_dir,
             name or f"iter_{self.iteration:08d}.pt",
             latest=name is None,
             parameters=params,
@@ -355,7 +338,7 @@ class Engine:
 
     def load_checkpoint(self, path: str | bool) -> None:
         """Resume from ``path`` (or the latest checkpoint in ``checkpoint_dir`` for True)."""
-        path = ckpt.resolve(path, self.config.checkpoint_dir)
+        path = ckpt.resolve(path, self.run_plan.checkpoint_dir)
         self.load_state_dict(ckpt.safe_load(path, map_location=self.device))
 
 

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "autocast",
     "scaled_lr",
     "nonfinite_error",
+    "skip_or_raise",
     "to_device",
 ]
 
@@ -91,6 +93,26 @@ def nonfinite_error(name: str, step: int, what: str) -> HypergradientError:
         f"problem {name!r}, step {step}: non-finite {what} (NaN or Inf). Lower the learning "
         "rate, clip gradients (Config(gradient_clipping=...)), check the data, or set "
         "Config(on_nonfinite='skip') to skip such updates with a warning"
+    )
+
+
+def skip_or_raise(policy: str, name: str, step: int, what: str) -> None:
+    """Raise for a non-finite ``what`` (``policy="raise"``) or warn that the update is skipped.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     skip_or_raise("skip", "low", 3, "loss")
+        >>> str(w[0].message)
+        "problem 'low', step 3: non-finite loss; update skipped"
+    """
+    if policy == "raise":
+        raise nonfinite_error(name, step, what)
+    warnings.warn(
+        f"problem {name!r}, step {step}: non-finite {what}; update skipped",
+        RuntimeWarning,
+        stacklevel=5,
     )
 
 

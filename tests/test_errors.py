@@ -179,7 +179,7 @@ def test_bad_engine_config(kwargs, match):
     "kwargs, match",
     [
         ({"precision": "fp8"}, "precision must be one of"),
-        ({"gradient_clipping": -1.0}, "gradient_clipping must be a number >= 0"),
+        ({"gradient_clipping": -1.0}, "gradient_clipping must be a finite number >= 0"),
         ({"resample": "epoch"}, "resample must be one of"),
         ({"type": mlopt.hypergrad.Reverse}, None),
     ],

@@ -290,7 +290,7 @@ def test_user_defined_method_plugs_in_without_editing_the_library():
 def test_bad_method_options():
     with pytest.raises(mlopt.ConfigError, match="CG: iterations must be an integer >= 1"):
         CG(iterations=0)
-    with pytest.raises(mlopt.ConfigError, match="Neumann: alpha must be a number > 0"):
+    with pytest.raises(mlopt.ConfigError, match="Neumann: alpha must be a finite number > 0"):
         Neumann(alpha=0.0)
     with pytest.raises(mlopt.ConfigError, match="Reverse: truncate"):
         Reverse(truncate=0)

@@ -247,12 +247,42 @@ def resolve_method(spec: Any) -> Method:
         return _REGISTRY[spec]()
     if isinstance(spec, type) and issubclass(spec, Method):
         return spec()
-    if isinstance(spec, Method) or callable(getattr(spec, "vjp", None)):
+    if isinstance(spec, Method):
         return spec
+    if callable(getattr(spec, "vjp", None)):
+        return _duck_method(spec)
     raise ConfigError(
         f"Config.type must be a method name ({available_methods()}) or a Method object, "
         f"got {spec!r}"
     )
+
+
+def _duck_method(spec: Any) -> Any:
+    """Check a duck-typed method object (one with ``vjp`` that is not a :class:`Method`): the
+    flags and hooks the runtime reads must be there with the right types."""
+    missing = [
+        a
+        for a in (
+            "differentiable_unroll",
+            "exposes_graph",
+            "tracks_dynamics",
+            "needs_params_before",
+        )
+        if not isinstance(getattr(spec, a, False), bool)
+    ]
+    if missing:
+        raise ConfigError(
+            f"Config.type={spec!r}: {missing} must be True or False; subclass "
+            "mlopt.hypergrad.Method to get the defaults"
+        )
+    hooks = ("direct_gradient", "begin_window", "after_step", "truncate_at")
+    absent = [h for h in hooks if not callable(getattr(spec, h, None))]
+    if absent:
+        raise ConfigError(
+            f"Config.type={spec!r} has vjp() but lacks {absent}; subclass "
+            "mlopt.hypergrad.Method (it provides them) and override vjp()"
+        )
+    return spec
 
 
 def zeros_for(uppers: Sequence[torch.Tensor]) -> Vec:

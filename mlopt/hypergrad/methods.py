@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +43,10 @@ def _positive_int(owner: str, name: str, value: Any) -> None:
 
 
 def _nonneg(owner: str, name: str, value: Any, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (strict and value == 0):
         bound = "> 0" if strict else ">= 0"
-        raise ConfigError(f"{owner}: {name} must be a number {bound}, got {value!r}")
+        raise ConfigError(f"{owner}: {name} must be a finite number {bound}, got {value!r}")
 
 
 def _implicit(ctx: LowerContext, cotangent: Vec, solve: Any) -> Vec:
@@ -176,6 +177,10 @@ class Forward(Method):
     name = "forward"
     differentiable_unroll = False
     tracks_dynamics = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None:
+            _positive_int("Forward", "chunk_size", self.chunk_size)
 
     def begin_window(self) -> Any:
         return None

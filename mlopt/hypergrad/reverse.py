@@ -26,12 +26,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mlopt.hypergrad.base import Method, Vec, register_method
 
-__all__ = ["Reverse", "unroll", "reverse_vjp"]
+__all__ = [
+    "Reverse",
+    "UnrollStep",
+    "unroll",
+    "unroll_step",
+    "cut_graph",
+    "segment_ends",
+    "reverse_vjp",
+]
 
 
 def unroll(
@@ -44,6 +53,71 @@ def unroll(
             params = tuple(p.detach().requires_grad_(p.requires_grad) for p in params)
         params = tuple(step_fn(params))
     return params
+
+
+@dataclass(frozen=True)
+class UnrollStep:
+    """What reverse mode does with one update of a lower's unroll window.
+
+    Attributes:
+        cut: drop the graph before this update (the truncation point of ``Reverse(truncate=K)``).
+        keep_graph: record this update in autograd now (``create_graph``).
+        record: keep no graph now but record the update for a checkpointed replay.
+    """
+
+    cut: bool
+    keep_graph: bool
+    record: bool
+
+
+def unroll_step(
+    position: int, *, differentiable: bool, cut: int | None, checkpoint: int | None
+) -> UnrollStep:
+    """The graph policy for the update at 0-based window ``position``.
+
+    Updates before the truncation point ``cut`` keep no graph (memory constant in the window);
+    with ``checkpoint`` set, the kept updates are recorded for replay instead.
+
+    Example:
+        >>> [unroll_step(t, differentiable=True, cut=2, checkpoint=None).keep_graph
+        ...  for t in range(4)]
+        [False, False, True, True]
+    """
+    keep = differentiable and (cut is None or position >= cut)
+    record = keep and checkpoint is not None
+    return UnrollStep(
+        cut=cut is not None and position == cut, keep_graph=keep and not record, record=record
+    )
+
+
+def cut_graph(params: Vec, opt_state: Any) -> tuple[Vec, Any]:
+    """Parameters and functional optimizer state cut from the graph (new leaves), the start of
+    a truncated unroll.
+
+    Example:
+        >>> p, s = cut_graph((torch.ones(1) * 2,), [{"momentum_buffer": torch.ones(1), "step": 2}])
+        >>> p[0].requires_grad, s[0]["step"]
+        (True, 2)
+    """
+    params = tuple(t.detach().requires_grad_() for t in params)
+    if opt_state is None:
+        return params, None
+    state = [
+        {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        for s in opt_state
+    ]
+    return params, state
+
+
+def segment_ends(recorded: int, position: int, checkpoint: int, unroll_steps: int) -> bool:
+    """Whether a checkpointed segment of ``recorded`` updates closes after the update at
+    0-based ``position`` (it is full, or the window ends).
+
+    Example:
+        >>> segment_ends(2, 3, checkpoint=4, unroll_steps=4)
+        True
+    """
+    return recorded == checkpoint or position + 1 >= unroll_steps
 
 
 def reverse_vjp(outputs: Vec, inputs: Vec, cotangent: Vec, *, create_graph: bool = False) -> Vec:

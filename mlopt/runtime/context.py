@@ -39,7 +39,7 @@ from mlopt.step import autocast, split_output
 if TYPE_CHECKING:
     from mlopt.problem import Problem
 
-__all__ = ["Exposure", "named_vjp", "forward_step"]
+__all__ = ["check_vjp", "Exposure", "named_vjp", "forward_step"]
 
 Vec = tuple[torch.Tensor, ...]
 
@@ -47,11 +47,35 @@ Vec = tuple[torch.Tensor, ...]
 def named_vjp(method: Any, ctx: LowerContext, cotangent: Vec) -> Vec:
     """``method.vjp`` whose errors name the lower problem they come from."""
     try:
-        return method.vjp(ctx, cotangent)
+        grads = method.vjp(ctx, cotangent)
     except HypergradientError as err:
         if str(err).startswith("hypergradient through"):
             raise
         raise HypergradientError(f"hypergradient through {ctx.name!r} ({method!r}): {err}") from err
+    return check_vjp(ctx.name, method, grads, ctx.uppers)
+
+
+def check_vjp(name: str, method: Any, grads: Any, uppers: Vec) -> Vec:
+    """A method's vjp output checked: one tensor (or None) per upper tensor, shaped like it.
+
+    Raises:
+        HypergradientError: naming the lower, the method and what is wrong.
+    """
+    want = [tuple(u.shape) for u in uppers]
+    if not isinstance(grads, (tuple, list)) or len(grads) != len(uppers):
+        got = len(grads) if isinstance(grads, (tuple, list)) else type(grads).__name__
+        raise HypergradientError(
+            f"hypergradient through {name!r}: {method!r}.vjp returned {got} for {len(uppers)} "
+            f"upper tensor(s) shaped {want}; return a tuple with one tensor per ctx.uppers"
+        )
+    for i, (g, u) in enumerate(zip(grads, uppers)):
+        if g is not None and (not isinstance(g, torch.Tensor) or g.shape != u.shape):
+            got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise HypergradientError(
+                f"hypergradient through {name!r}: {method!r}.vjp's output {i} is {got}, but "
+                f"ctx.uppers[{i}] has shape {tuple(u.shape)}; return one tensor per upper tensor"
+            )
+    return tuple(grads)
 
 
 def forward_step(name: str, method: Any, memory: Any, transition: Any) -> Any:

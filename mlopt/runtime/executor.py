@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,14 +26,15 @@ import torch
 
 from mlopt.errors import HypergradientError
 from mlopt.hypergrad import checkpointed as ckr
-from mlopt.runtime import rollback, schedule
+from mlopt.hypergrad import reverse
+from mlopt.runtime import rollback, schedule, window
 from mlopt.runtime.context import forward_step
-from mlopt.runtime.match import detach_state, explicit_gradient
+from mlopt.runtime.match import explicit_gradient
 from mlopt.runtime.pipeline import differentiable_update, optimizer_update, scheduler_step_quietly
 from mlopt.runtime.plan import Plan
 from mlopt.runtime.replay import Replay
 from mlopt.runtime.state import ProblemState
-from mlopt.step import all_finite, gradient, nonfinite_error, to_device
+from mlopt.step import all_finite, gradient, skip_or_raise, to_device
 
 if TYPE_CHECKING:
     from mlopt.problem import Problem
@@ -93,50 +93,12 @@ class Runtime(Replay):
 
     # ------------------------------------------------------------------ windows
     def begin_window(self, name: str) -> None:
-        """Commit the previous window and start a new one (meta-initialization, fresh state)."""
-        pp, st, p = self.plan.problems[name], self.states[name], self.problems[name]
-        if pp.dopt is not None and st.opt_state is not None:
-            pp.dopt.commit(st.opt_state)
-        st.commit()
-        if pp.init is not None:
-            full = self.states[pp.init[0]].current()
-            src = tuple(full[i] for i in pp.init[1])
-            if pp.differentiable:
-                # distinct tensors (views) so that ∂f/∂θ_0 is not confused with ∂f/∂φ
-                st.set_fast(tuple(t.view_as(t) for t in src))
-            else:
-                with torch.no_grad():
-                    for leaf, value in zip(st.leaves(), src):
-                        leaf.copy_(value)
-                if st.optimizer is not None:
-                    for leaf in st.leaves():
-                        st.optimizer.state.pop(leaf, None)
-        elif pp.differentiable:
-            # a fresh copy: the leaf may already feed other graphs (e.g. an upper's fast weights
-            # that depend on the previous window), and it is overwritten in place on commit
-            st.set_fast(tuple(t.detach().clone().requires_grad_() for t in st.leaves()))
-        if pp.dopt is not None:
-            st.opt_state = pp.dopt.init_state(fresh=pp.init is not None)
-        st.memory = pp.method.begin_window() if pp.method.tracks_dynamics else None
-        st.window_batches = []
-        st.segment = None
-        st.opened = True
-        if pp.snapshots:
-            st.snapshot = rollback.snapshot(st)
-        p.on_inner_loop_start()
+        """Commit the previous window and start a new one (see :mod:`mlopt.runtime.window`)."""
+        window.begin_window(self.plan, self.states, self.problems[name], name)
 
     def sync_modules(self) -> None:
-        """Write fast weights and functional optimizer state into the modules and optimizers,
-        keeping the unroll as it is (its tensors are copies, never the leaves themselves)."""
-        for name, st in self.states.items():
-            dopt = self.plan.problems[name].dopt
-            if dopt is not None and st.opt_state is not None:
-                dopt.commit(st.opt_state)
-            if st.fast is not None:
-                with torch.no_grad():
-                    for leaf, value in zip(st.leaves(), st.fast):
-                        if value is not leaf:
-                            leaf.copy_(value)
+        """Write fast weights and functional optimizer state into the modules and optimizers."""
+        window.sync_modules(self.plan, self.states)
 
     # ------------------------------------------------------------------ one update
     def step(self, name: str) -> bool:
@@ -155,15 +117,14 @@ class Runtime(Replay):
                     batch = drawn
             batch = st.batch = to_device(batch, self.plan.device)
         st.window_batches.append(batch)
-        # updates before a truncation point keep no graph (constant memory in the window)
-        keep_graph = pp.differentiable and (pp.cut is None or st.window_count >= pp.cut)
-        if pp.cut is not None and pp.cut == st.window_count:
-            st.set_fast(tuple(t.detach().requires_grad_() for t in st.current()))
-            st.opt_state = detach_state(st.opt_state)
-        record = None
-        if keep_graph and pp.checkpoint:  # no graph now: replayed later
-            keep_graph = False
-            record = self.segment_record(name, batch)
+        how = reverse.unroll_step(
+            st.window_count, differentiable=pp.differentiable, cut=pp.cut, checkpoint=pp.checkpoint
+        )
+        if how.cut:
+            fast, st.opt_state = reverse.cut_graph(st.current(), st.opt_state)
+            st.set_fast(fast)
+        keep_graph = how.keep_graph
+        record = self.segment_record(name, batch) if how.record else None
         params = st.current()
         if pp.keeps_before:
             st.before = tuple(t.detach().clone() for t in params)
@@ -175,8 +136,8 @@ class Runtime(Replay):
             st.segment.steps.append(record)
             st.segment.rng_after = ckr.record_rng(self.plan.device)
         self.apply(name, params, grads, keep_graph)
-        if record is not None and (
-            len(st.segment.steps) == pp.checkpoint or st.window_count + 1 >= pp.unroll_steps
+        if record is not None and reverse.segment_ends(
+            len(st.segment.steps), st.window_count, pp.checkpoint, pp.unroll_steps
         ):
             self.close_segment(name)
         if transition is not None:
@@ -267,15 +228,7 @@ class Runtime(Replay):
 
     def skip_or_raise(self, name: str, what: str) -> None:
         """Raise for a non-finite ``what`` or, with ``on_nonfinite="skip"``, warn (skip)."""
-        step = self.states[name].steps
-        if self.plan.problems[name].on_nonfinite == "raise":
-            raise nonfinite_error(name, step, what)
-        warnings.warn(
-            f"problem {name!r}, step {step}: non-finite {what}; update skipped",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return None
+        skip_or_raise(self.plan.problems[name].on_nonfinite, name, self.states[name].steps, what)
 
     def add_direct(self, name: str, grads: Vec, scale: float = 1.0) -> Vec:
         """Add gradients that lowers give regardless of the loss (Reptile)."""

@@ -1,9 +1,9 @@
-"""Matching a program's pieces: meta-initialization positions, explicit gradients, state copies.
+"""Matching a program's pieces: meta-initialization positions and explicit gradients.
 
 Example:
     >>> import torch
-    >>> detach_state([{"momentum_buffer": torch.ones(1, requires_grad=True), "step": 2}])[0]["step"]
-    2
+    >>> explicit_gradient(None, (torch.zeros(2),), [torch.ones(2)])
+    (tensor([1., 1.]),)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mlopt.errors import ConfigError
 if TYPE_CHECKING:
     from mlopt.problem import Problem
 
-__all__ = ["init_positions", "explicit_gradient", "detach_state"]
+__all__ = ["init_positions", "explicit_gradient"]
 
 Vec = tuple[torch.Tensor, ...]
 
@@ -68,12 +68,3 @@ def explicit_gradient(p: Problem, params: Vec, given: Any) -> Vec:
             f"of self.parameters() with the same shapes {[tuple(t.shape) for t in params]}"
         )
     return given
-
-
-def detach_state(state: Any) -> Any:
-    """A copy of a functional optimizer state with its tensors detached."""
-    if state is None:
-        return None
-    return [
-        {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in state
-    ]

@@ -219,5 +219,5 @@ def compile_plan(
     plans = {n: _plan_problem(p, problems, graph, roll_back) for n, p in problems.items()}
     _check_checkpointed(plans, graph)
     for name, p in problems.items():
-        freeze(p.config, name)
+        freeze(p.config, f"problem {name!r}")
     return Plan(graph, tuple(step_order(graph)), plans, device, roll_back)
