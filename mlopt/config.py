@@ -19,7 +19,16 @@ from typing import Any
 
 from mlopt.errors import ConfigError
 
-__all__ = ["freeze", "Config", "EngineConfig", "PRECISIONS", "STRATEGIES", "LOGGERS"]
+__all__ = [
+    "freeze",
+    "is_frozen",
+    "thaw",
+    "Config",
+    "EngineConfig",
+    "PRECISIONS",
+    "STRATEGIES",
+    "LOGGERS",
+]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 STRATEGIES = ("default", "cpu", "cuda", "ddp")
@@ -185,6 +194,16 @@ class Config(_ReadOnlyOnceCompiled):
 def freeze(config: Config | EngineConfig, owner: str) -> None:
     """Make ``config`` read-only: an Engine has compiled it (``owner`` names whose it is)."""
     config.__dict__["_owner"] = owner
+
+
+def is_frozen(config: Config | EngineConfig) -> bool:
+    """Whether an Engine has made ``config`` read-only."""
+    return config.__dict__.get("_owner") is not None
+
+
+def thaw(config: Config | EngineConfig) -> None:
+    """Undo :func:`freeze` (for an Engine whose construction failed)."""
+    config.__dict__.pop("_owner", None)
 
 
 @dataclass

@@ -2,10 +2,12 @@
 
 Every rank runs the whole program on its share of each data stream (batch ``k`` of a loader goes
 to rank ``k mod world_size``). Gradients are averaged exactly once, when a problem applies its
-optimizer: the total gradient there (direct plus hypergradient) is all-reduced. Updates inside a
-differentiable unroll stay local to the rank (each rank adapts to its own tasks, as in
-data-parallel MAML). Modules start identical (broadcast from rank 0). Backend: nccl on CUDA,
-gloo on the CPU.
+optimizer: the total gradient there (direct plus hypergradient) is all-reduced. Inside a
+differentiable unroll, a persistent lower (one without ``initialize_from``) is one model trained
+on every rank's data: its update takes the gradient averaged over ranks through a differentiable
+all-reduce, so it stays identical on all ranks and the hypergradient equals the single-process
+one; a meta-initialized lower (MAML) adapts to its own rank's task and stays local. Modules start
+identical (broadcast from rank 0). Backend: nccl on CUDA, gloo on the CPU.
 
 Example (two CPU processes)::
 
@@ -74,6 +76,19 @@ class DataParallel:
         """Average the ``.grad`` of ``params`` over ranks."""
         grads = [p.grad for p in params if p.grad is not None]
         average_(grads, self.world)
+
+    def average_differentiable(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The mean of ``tensors`` over ranks, differentiably (the backward pass all-reduces the
+        cotangents, so a hypergradient through it, averaged once more by the upper's optimizer,
+        equals the single-process one on all ranks' data)."""
+        from torch.distributed.nn.functional import all_reduce
+
+        if not tensors:
+            return tuple(tensors)
+        flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors])) / self.world
+        return tuple(
+            part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
+        )
 
     def average_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean of each validation metric over ranks (so every rank decides alike)."""

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from mlopt import checkpoint as ckpt
-from mlopt.config import EngineConfig
+from mlopt.config import EngineConfig, is_frozen, thaw
 from mlopt.errors import ConfigError, DependencyError
 from mlopt.graph import describe, normalize, validate
 from mlopt.loggers import make_logger
-from mlopt.problem import Problem, bind, problem_state
+from mlopt.problem import Problem, bind, problem_state, unbind
+from mlopt.runtime.checks import check_problems
 from mlopt.runtime.executor import Runtime, Services
 from mlopt.runtime.plan import compile_plan
 from mlopt.runtime.run import choose_device, compile_run
@@ -44,31 +45,6 @@ from mlopt.runtime.state import ProblemState, RunState
 __all__ = ["Engine"]
 
 log = logging.getLogger("mlopt")
-
-
-def _check_problem(p: Problem, st: ProblemState) -> None:
-    """Checks of one problem on its own: an override, parameters without optimizer."""
-    if type(p).training_step is Problem.training_step:
-        raise ConfigError(
-            f"problem {p.name!r} ({type(p).__name__}) does not override training_step(batch); "
-            "subclass mlopt.Problem and define it"
-        )
-    if st.module is not None:
-        trainable = [n for n, q in st.module.named_parameters() if q.requires_grad]
-        if trainable and st.optimizer is None:
-            raise ConfigError(
-                f"problem {p.name!r} has trainable parameters {trainable[:3]}... but no optimizer; "
-                "pass optimizer=torch.optim.SGD(module.parameters(), lr=...) or freeze them"
-            )
-    if st.optimizer is not None:
-        in_module = {id(q) for q in (st.module.parameters() if st.module is not None else [])}
-        groups = st.optimizer.param_groups
-        stray = [q for g in groups for q in g["params"] if id(q) not in in_module]
-        if stray:
-            raise ConfigError(
-                f"problem {p.name!r}: its optimizer holds {len(stray)} tensor(s) that are not "
-                "parameters of its module; build the optimizer from module.parameters()"
-            )
 
 
 class Engine:
@@ -97,6 +73,22 @@ class Engine:
             if not isinstance(p, Problem):
                 raise DependencyError(f"Engine: {p!r} is not a mlopt.Problem")
         self.config = config
+        # transactional: a failed construction leaves no problem bound to this engine and the
+        # configs it froze editable again
+        configs = [config, *(p.config for p in problems)]
+        editable = [c for c in configs if not is_frozen(c)]
+        try:
+            self._build(problems, dependencies, config)
+        except BaseException:
+            for p in problems:
+                unbind(p, self)
+            for c in editable:
+                thaw(c)
+            raise
+
+    def _build(
+        self, problems: list[Problem], dependencies: Mapping[str, Any] | None, config: EngineConfig
+    ) -> None:
         run = self.run_plan = compile_run(config)
         self.graph = normalize([p.name for p in problems], dependencies)
         validate(self.graph)
@@ -106,8 +98,8 @@ class Engine:
             bind(p, self, check_only=True)  # before anything changes
         for st in states.values():
             st.restrict_to_optimizer()
-        for p in problems:
-            _check_problem(p, states[p.name])
+        check_problems(problems, states)
+        resume = None if run.resume is None else ckpt.resolve(run.resume, run.checkpoint_dir)
         self.device = choose_device(run)
         self.distributed = None
         services = Services()
@@ -116,9 +108,8 @@ class Engine:
 
             self.distributed = DataParallel(self.device)
             self.device = self.distributed.device
-            services = Services(
-                self.distributed.rank, self.distributed.world, self.distributed.reduce_grads
-            )
+            dp = self.distributed
+            services = Services(dp.rank, dp.world, dp.reduce_grads, dp.average_differentiable)
         self.plan = compile_plan(self.problems_by_name, self.graph, self.device, run.roll_back)
         if run.seed is not None:
             seed_everything(run.seed)  # the same on every rank: see DataParallel.start
@@ -132,8 +123,8 @@ class Engine:
             self.distributed.start([st.module for st in states.values() if st.module is not None])
         self.run_state = RunState(best_metric=run.initial_best)
         self.logger = make_logger(config, rank=services.rank)
-        if run.resume is not None:
-            self.load_checkpoint(run.resume)
+        if resume is not None:
+            self.load_checkpoint(resume)
         self.runtime.open_windows()
 
     # ------------------------------------------------------------------ read-outs
@@ -270,8 +261,7 @@ class Engine:
 
     def _validate(self) -> dict:
         with torch.no_grad():
-            metrics = self.validation() or {}
-        metrics = {k: float(v) for k, v in metrics.items()}
+            metrics = validation_metrics(self.validation())
         if self.distributed is not None:
             metrics = self.distributed.average_metrics(metrics)
         self.history.append({"iteration": self.iteration, **metrics})
@@ -340,6 +330,36 @@ class Engine:
         """Resume from ``path`` (or the latest checkpoint in ``checkpoint_dir`` for True)."""
         path = ckpt.resolve(path, self.run_plan.checkpoint_dir)
         self.load_state_dict(ckpt.safe_load(path, map_location=self.device))
+
+
+def validation_metrics(out: Any) -> dict[str, float]:
+    """``Engine.validation()``'s result as floats.
+
+    Raises:
+        ConfigError: it is not a dict (or None) of numbers or one-element tensors.
+    """
+    if out is None:
+        return {}
+    if not isinstance(out, Mapping):
+        raise ConfigError(
+            f"Engine.validation() must return a dict of metrics, got {type(out).__name__}; "
+            "return e.g. {'loss': value, 'accuracy': value}"
+        )
+    metrics = {}
+    for key, value in out.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            number = True
+        if not isinstance(key, str) or not number:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            raise ConfigError(
+                f"Engine.validation() returned {key!r}: {type(value).__name__}"
+                + (f" of shape {shape}" if shape is not None else "")
+                + "; each metric must be a number (or a one-element tensor) under a string key: "
+                "reduce it, e.g. with .mean(), or log it elsewhere"
+            )
+        metrics[key] = float(value)
+    return metrics
 
 
 def seed_everything(seed: int) -> None:

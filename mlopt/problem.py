@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import keyword
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,9 +33,11 @@ from mlopt.errors import ConfigError, MLOptError
 from mlopt.functional import ModuleView
 from mlopt.runtime.state import ProblemState
 
-__all__ = ["Problem", "problem_state", "bind"]
+__all__ = ["Problem", "problem_state", "bind", "unbind"]
 
 Vec = tuple[torch.Tensor, ...]
+# set on every Problem in __init__ (a problem of this name could not be reached as self.<name>)
+_INSTANCE_ATTRIBUTES = frozenset({"name", "config", "optimizer", "scheduler", "train_data_loader"})
 
 
 class Problem:
@@ -59,11 +62,20 @@ class Problem:
         config: Config | None = None,
         scheduler: Any = None,
     ) -> None:
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise ConfigError(
                 "problem name must be a Python identifier (it is used as self.<name>), "
                 f"got {name!r}"
             )
+        if name.startswith("_") or hasattr(Problem, name) or name in _INSTANCE_ATTRIBUTES:
+            raise ConfigError(
+                f"problem name {name!r} would shadow "
+                + ("a private attribute" if name.startswith("_") else f"Problem.{name}")
+                + " (other problems reach this one as self.<name>); choose another name, "
+                f"e.g. {name.strip('_') + '_problem'!r}"
+            )
+        _check_loader(name, train_data_loader)
+        _check_scheduler(name, scheduler)
         if module is not None and not isinstance(module, nn.Module):
             raise ConfigError(
                 f"problem {name!r}: module must be a torch.nn.Module, got {type(module)}"
@@ -193,9 +205,48 @@ class Problem:
         self._state.commit()
 
 
+def _check_loader(name: str, loader: Any) -> None:
+    """A loader must be re-iterable: it is restarted at every epoch."""
+    if loader is None:
+        return
+    if not hasattr(loader, "__iter__"):
+        raise ConfigError(
+            f"problem {name!r}: train_data_loader must be an iterable of batches (a DataLoader, "
+            f"a list ...), got {type(loader).__name__}"
+        )
+    if iter(loader) is loader:
+        raise ConfigError(
+            f"problem {name!r}: train_data_loader is a one-shot iterator "
+            f"({type(loader).__name__}); it would run dry after one epoch and cannot be resumed. "
+            "Pass a re-iterable (a DataLoader, a list, or a class whose __iter__ starts again)"
+        )
+
+
+def _check_scheduler(name: str, scheduler: Any) -> None:
+    """A scheduler must step and checkpoint like torch's."""
+    if scheduler is None:
+        return
+    missing = [
+        m
+        for m in ("step", "state_dict", "load_state_dict")
+        if not callable(getattr(scheduler, m, None))
+    ]
+    if missing:
+        raise ConfigError(
+            f"problem {name!r}: scheduler {type(scheduler).__name__} lacks {missing}; pass a "
+            "torch.optim.lr_scheduler object (step(), state_dict(), load_state_dict())"
+        )
+
+
 def problem_state(problem: Problem) -> ProblemState:
     """The :class:`~mlopt.runtime.state.ProblemState` holding ``problem``'s mutable state."""
     return problem._state
+
+
+def unbind(problem: Problem, engine: Any) -> None:
+    """Detach ``problem`` from ``engine`` (an Engine whose construction failed)."""
+    if problem.__dict__["_engine"] is engine:
+        problem.__dict__["_engine"] = None
 
 
 def bind(problem: Problem, engine: Any, *, check_only: bool = False) -> None:

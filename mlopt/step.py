@@ -21,6 +21,7 @@ from mlopt.errors import ConfigError, HypergradientError
 __all__ = [
     "split_output",
     "gradient",
+    "missing_loss",
     "clip_by_total_norm",
     "all_finite",
     "autocast",
@@ -60,15 +61,44 @@ def split_output(name: str, out: Any) -> tuple[torch.Tensor | None, dict[str, An
     return out.reshape(()), metrics
 
 
-def gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], *, create_graph: bool) -> Vec:
-    """``∂loss/∂params`` (zeros for unused parameters), keeping the graph if asked."""
+def gradient(
+    loss: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    create_graph: bool,
+    name: str | None = None,
+) -> Vec:
+    """``∂loss/∂params`` (zeros for unused parameters), keeping the graph if asked.
+
+    Raises:
+        ConfigError: with ``name`` (the problem), when the loss depends on none of ``params``
+            (the problem would silently never train).
+    """
     needs = [p for p in params if p.requires_grad]
-    if not needs or not loss.requires_grad:
+    if not needs:
         return tuple(torch.zeros_like(p) for p in params)
-    grads = torch.autograd.grad(
-        loss, params, create_graph=create_graph, allow_unused=True, materialize_grads=True
+    grads: Sequence[torch.Tensor | None] = [None] * len(params)
+    if loss.requires_grad:
+        grads = torch.autograd.grad(
+            loss, params, create_graph=create_graph, allow_unused=True, materialize_grads=False
+        )
+    if name is not None and all(g is None for g in grads):
+        raise ConfigError(
+            f"problem {name!r}: the loss returned by training_step does not depend on any of its "
+            f"{len(params)} trainable parameter tensor(s), so its gradient would be zero and it "
+            "would never train; compute the loss through self.module(...) (or the parameters "
+            "the optimizer holds), or freeze the parameters with requires_grad_(False)"
+        )
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+
+
+def missing_loss(name: str, count: int) -> ConfigError:
+    """The error for a ``training_step`` that returned None although the problem trains."""
+    return ConfigError(
+        f"problem {name!r}: training_step returned None; return its loss (a scalar tensor, or "
+        f"{{'loss': ..., **metrics}}): None would silently leave its {count} trainable tensor(s) "
+        "untouched"
     )
-    return tuple(grads)
 
 
 def clip_by_total_norm(grads: Vec, max_norm: float) -> Vec:

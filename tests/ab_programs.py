@@ -27,9 +27,11 @@ from mlopt.hypergrad import CG, FiniteDifference, Forward, Neumann, Reverse
 from mlopt.testing import capture_gradients
 
 F64 = torch.float64
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "runtime_ab.pt")
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+# outputs frozen by the old runtime (commit ad44e9b), one file per platform that rounds differently
+GOLDEN = os.path.join(GOLDEN_DIR, "runtime_ab.pt")
 
-__all__ = ["PROGRAMS", "run_program", "platform", "GOLDEN"]
+__all__ = ["PROGRAMS", "run_program", "platform", "golden_path", "GOLDEN"]
 
 
 # ---------------------------------------------------------------------- data and modules
@@ -275,19 +277,51 @@ def run_program(name: str) -> dict:
     return out
 
 
+def _cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles (MKL then takes other, differently rounding, kernels)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_tile" in f.read()
+    except OSError:
+        return False
+
+
 def platform() -> str:
-    """The torch build and CPU vector ISA that produced the outputs."""
-    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+    """The torch build and CPU kernels (vector ISA, AMX) that produced the outputs."""
+    amx = " amx" if _cpu_has_amx() else ""
+    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}{amx}"
+
+
+def golden_path() -> str:
+    """The frozen outputs for this platform, or the reference file if none was frozen here."""
+    for name in sorted(os.listdir(GOLDEN_DIR)):
+        if name.startswith("runtime_ab") and name.endswith(".pt"):
+            path = os.path.join(GOLDEN_DIR, name)
+            if torch.load(path, weights_only=True).get("__platform__") == platform():
+                return path
+    return GOLDEN
 
 
 def run_all() -> dict:
     return {"__platform__": platform(), **{name: run_program(name) for name in PROGRAMS}}
 
 
+def freeze_path() -> str:
+    """Where ``--freeze`` writes: this platform's golden file, or a new one named after it."""
+    path = golden_path()
+    if (
+        not os.path.exists(path)
+        or torch.load(path, weights_only=True).get("__platform__") == platform()
+    ):
+        return path
+    slug = "".join(c if c.isalnum() else "_" for c in platform())
+    return os.path.join(GOLDEN_DIR, f"runtime_ab_{slug}.pt")
+
+
 if __name__ == "__main__":
     if "--freeze" not in sys.argv:
-        sys.exit("usage: python tests/ab_programs.py --freeze")
-    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
-    outputs = run_all()
-    torch.save(outputs, GOLDEN)
-    print(f"froze {len(outputs)} programs into {GOLDEN}")
+        sys.exit("usage: python tests/ab_programs.py --freeze  (run it with the reference runtime)")
+    os.makedirs(GOLDEN_DIR, exist_ok=True)
+    outputs, path = run_all(), freeze_path()
+    torch.save(outputs, path)
+    print(f"froze {len(outputs) - 1} programs for {platform()!r} into {path}")

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import mlopt
+from mlopt.hypergrad import Reverse
 from mlopt.testing import capture_gradients
 
 __all__ = [
@@ -111,6 +112,44 @@ def build_program(
     return engine, up_mod, low_mod, up_grads, low_grads
 
 
+class TaskLower(mlopt.Problem):
+    """A task's inner loss ½θᵀAθ - θᵀx, started from the meta-parameters."""
+
+    def training_step(self, batch):
+        theta = self.module.weight
+        return 0.5 * theta @ A @ theta - theta @ batch
+
+
+class MetaUpper(mlopt.Problem):
+    """The meta-loss ½‖Cθ_T - y‖² of the adapted task parameters."""
+
+    def training_step(self, batch):
+        r = C @ self.task.module.weight - batch
+        return 0.5 * r @ r
+
+
+def maml_program(lower_data=None, upper_data=None, **engine_kw) -> list[torch.Tensor]:
+    """MAML (two inner steps, reverse mode) for 4 iterations; returns the meta-gradients."""
+    g = torch.Generator().manual_seed(7)
+    meta, task = Vec(torch.randn(N, generator=g, dtype=F64)), Vec(torch.zeros(N, dtype=F64))
+    meta_opt = torch.optim.SGD(meta.parameters(), lr=0.1)
+    upper = MetaUpper("meta", meta, meta_opt, train_data_loader=upper_data or UPPER_DATA)
+    lower = TaskLower(
+        "task",
+        task,
+        torch.optim.SGD(task.parameters(), lr=0.1),
+        train_data_loader=lower_data or LOWER_DATA,
+        config=mlopt.Config(initialize_from="meta", unroll_steps=2),
+    )
+    grads = capture_gradients(meta_opt)
+    mlopt.Engine(
+        [upper, lower],
+        {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+        mlopt.EngineConfig(train_iters=4, **engine_kw),
+    ).run()
+    return [gr[0] for gr in grads]
+
+
 class Recorder(mlopt.Problem):
     """A single problem that records the indices of the samples it is given."""
 
@@ -146,7 +185,8 @@ def main(out: str) -> None:
     rank = int(os.environ["RANK"])
     result: dict = {}
 
-    # 1. reverse-mode HPO: local unrolls, the upper's gradient averaged once, checkpoint on rank 0
+    # 1. reverse-mode HPO, persistent lower: its unrolled updates average the gradient over ranks
+    # (differentiably), the upper's gradient is averaged once, checkpoint on rank 0
     engine, up, low, up_grads, _ = build_program(
         "reverse",
         2,
@@ -162,6 +202,18 @@ def main(out: str) -> None:
     engine.run()
     result["reverse_upper_grads"] = [g[0] for g in up_grads]
     result["reverse_final_upper"] = up.weight.detach().clone()
+    result["reverse_final_lower"] = low.weight.detach().clone()
+
+    # 1b. the same with Reverse(checkpoint=1): the backward pass replays the averaged updates
+    engine, up, low, up_grads, _ = build_program(
+        Reverse(checkpoint=1), 2, 4, rank_for_init=rank, engine_kw={"strategy": "ddp"}
+    )
+    engine.run()
+    result["ckpt_reverse_upper_grads"] = [g[0] for g in up_grads]
+    result["ckpt_reverse_final"] = [up.weight.detach().clone(), low.weight.detach().clone()]
+
+    # 1c. MAML: a meta-initialized lower adapts to its own rank's task (local inner loop)
+    result["maml_meta_grads"] = maml_program(strategy="ddp")
 
     # 2. a non-differentiable lower (first-order): lower and upper optimizer steps both averaged
     engine, up, low, up_grads, low_grads = build_program(

@@ -65,38 +65,78 @@ def test_modules_start_identical(ranks):
             assert torch.equal(r[key][1], low0.weight.detach())
 
 
-def test_reverse_upper_gradient_is_mean_of_shard_gradients(ranks):
-    # each rank unrolls the lower locally on its shard; the upper's first gradient is the mean of
-    # the two single-process gradients on the shards, identical on both ranks
-    refs = []
-    for r in (0, 1):
-        engine, _, _, up_grads, _ = W.build_program(
-            "reverse",
-            2,
-            2,
-            lower_data=_shard(W.LOWER_DATA, r),
-            upper_data=_shard(W.UPPER_DATA, r),
-            engine_kw={"strategy": "cpu"},
-        )
-        engine.run()
-        assert len(up_grads) == 1
-        refs.append(up_grads[0][0])
-    assert not torch.allclose(refs[0], refs[1])  # the shards really differ
-    mean = (refs[0] + refs[1]) / 2
+def _pair_means(data: list) -> list:
+    """Batch k of one rank beside batch k of the other, averaged: both losses are linear in the
+    data, so the rank-averaged gradients equal one process's gradients on these batches."""
+    return [(a + b) / 2 for a, b in zip(data[0::2], data[1::2])]
+
+
+def test_reverse_persistent_lower_hypergradient_equals_single_process(ranks):
+    # the persistent lower is one model trained on both ranks' data: every unrolled update takes
+    # the rank-averaged gradient through a differentiable all-reduce, so the upper's gradient is
+    # the single-process one on the averaged data, on both ranks
+    engine, _, low, up_grads, _ = W.build_program(
+        "reverse",
+        2,
+        6,
+        lower_data=_pair_means(W.LOWER_DATA),
+        upper_data=_pair_means(W.UPPER_DATA),
+        engine_kw={"strategy": "cpu"},
+    )
+    engine.run()
     for r in ranks:
-        assert len(r["reverse_upper_grads"]) == 3
-        torch.testing.assert_close(r["reverse_upper_grads"][0], mean, rtol=1e-12, atol=1e-14)
+        assert len(r["reverse_upper_grads"]) == len(up_grads) == 3
+        for got, want in zip(r["reverse_upper_grads"], up_grads):
+            torch.testing.assert_close(got, want[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r["reverse_final_lower"], low.weight, rtol=1e-12, atol=1e-14)
 
 
-def test_reverse_upper_identical_on_both_ranks(ranks):
+def test_reverse_persistent_lower_identical_on_both_ranks(ranks):
     for k in range(3):
         assert torch.equal(ranks[0]["reverse_upper_grads"][k], ranks[1]["reverse_upper_grads"][k])
     assert torch.equal(ranks[0]["reverse_final_upper"], ranks[1]["reverse_final_upper"])
+    assert torch.equal(ranks[0]["reverse_final_lower"], ranks[1]["reverse_final_lower"])
     # plain SGD(lr=0.2) on the averaged gradients from the broadcast start
     phi = W.hpo_modules(0)[0].weight.detach().clone()
     for g in ranks[0]["reverse_upper_grads"]:
         phi = phi - 0.2 * g
     torch.testing.assert_close(ranks[0]["reverse_final_upper"], phi, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpointed_reverse_replays_the_averaged_updates(ranks):
+    # Reverse(checkpoint=1) recomputes each update in the backward pass, all-reduce included
+    engine, up, low, up_grads, _ = W.build_program(
+        "reverse",
+        2,
+        4,
+        lower_data=_pair_means(W.LOWER_DATA),
+        upper_data=_pair_means(W.UPPER_DATA),
+        engine_kw={"strategy": "cpu"},
+    )
+    engine.run()
+    for r in ranks:
+        assert len(r["ckpt_reverse_upper_grads"]) == len(up_grads) == 2
+        for got, want in zip(r["ckpt_reverse_upper_grads"], up_grads):
+            torch.testing.assert_close(got, want[0], rtol=1e-12, atol=1e-14)
+    for a, b in zip(ranks[0]["ckpt_reverse_final"], ranks[1]["ckpt_reverse_final"]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(ranks[0]["ckpt_reverse_final"][1], low.weight, rtol=1e-12, atol=0)
+
+
+def test_maml_inner_loops_stay_local_to_each_rank(ranks):
+    # a meta-initialized lower adapts to its own rank's task; the meta-gradient is the mean of
+    # the two single-process meta-gradients on each rank's shard of the tasks
+    refs = [
+        W.maml_program(_shard(W.LOWER_DATA, r), _shard(W.UPPER_DATA, r), strategy="cpu")
+        for r in (0, 1)
+    ]
+    assert not torch.allclose(refs[0][0], refs[1][0])
+    for r in ranks:
+        assert len(r["maml_meta_grads"]) == 2
+        mean = (refs[0][0] + refs[1][0]) / 2  # (later steps start from the averaged update)
+        torch.testing.assert_close(r["maml_meta_grads"][0], mean, rtol=1e-12, atol=1e-14)
+    for a, b in zip(ranks[0]["maml_meta_grads"], ranks[1]["maml_meta_grads"]):
+        assert torch.equal(a, b)
 
 
 def test_first_order_lower_gradient_averaged_and_ranks_identical(ranks):

@@ -9,13 +9,16 @@ from mlopt.graph import normalize, simulate, step_order, validate
 
 
 class Count(mlopt.Problem):
-    """A problem whose loss touches every problem's parameters (so all edges are real)."""
+    """A problem whose loss touches the parameters of every problem it shares an edge with (so
+    all edges are real; reading a problem across no edge is a DependencyError)."""
 
     def training_step(self, batch):
         loss = self.module.weight.sum() ** 2
-        for other in self.engine.problems_by_name.values():
-            if other is not self:
-                loss = loss + 1e-3 * other.module.weight.sum()
+        g, name = self.engine.graph, self.name
+        near = {*g.u2l.get(name, ()), *g.l2u.get(name, ())}
+        near |= {n for edges in (g.u2l, g.l2u) for n, ends in edges.items() if name in ends}
+        for other in near:
+            loss = loss + 1e-3 * self.engine.problems_by_name[other].module.weight.sum()
         return loss
 
 

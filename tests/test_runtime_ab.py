@@ -1,14 +1,15 @@
 """Bit-for-bit A/B test of the runtime: frozen outputs of float64 programs (tests/ab_programs.py).
 
-Exact equality (``torch.equal``) on the build and CPU kind that froze the outputs; elsewhere (a
-different torch build or vector ISA may round differently) the tensors must agree to 1e-12.
+Exact equality (``torch.equal``) on a build and CPU kind that froze the outputs (one golden file per
+platform, each frozen by the old runtime at commit ad44e9b); elsewhere (a different torch build,
+vector ISA or AMX may round differently) the tensors must agree to 1e-12.
 """
 
 import pytest
 import torch
-from ab_programs import GOLDEN, PROGRAMS, platform, run_program
+from ab_programs import PROGRAMS, golden_path, platform, run_program
 
-golden = torch.load(GOLDEN, weights_only=True)
+golden = torch.load(golden_path(), weights_only=True)
 EXACT = golden.get("__platform__") == platform()
 
 

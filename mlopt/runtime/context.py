@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,6 +103,8 @@ class Exposure:
         self.version = 0  # bumped by every update: invalidates cached hypergradient nodes
         self._cache: dict[str, tuple] = {}
         self._active: list[str] = []
+        self._reads: set[tuple[str, str]] = set()  # (reader, read) outside any dependency edge
+        self.average_unroll: Callable[[Vec], Vec] | None = None  # set under data parallelism
         self._replaying: tuple[str, int] | None = None
 
     # ------------------------------------------------------------------ losses

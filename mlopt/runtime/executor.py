@@ -34,7 +34,7 @@ from mlopt.runtime.pipeline import differentiable_update, optimizer_update, sche
 from mlopt.runtime.plan import Plan
 from mlopt.runtime.replay import Replay
 from mlopt.runtime.state import ProblemState
-from mlopt.step import all_finite, gradient, skip_or_raise, to_device
+from mlopt.step import all_finite, gradient, missing_loss, skip_or_raise, to_device
 
 if TYPE_CHECKING:
     from mlopt.problem import Problem
@@ -51,6 +51,7 @@ class Services:
     rank: int = 0
     world: int = 1
     reduce_grads: Callable[[Sequence[torch.Tensor]], None] | None = None
+    average_unroll: Callable[[Vec], Vec] | None = None
 
 
 class Runtime(Replay):
@@ -65,6 +66,7 @@ class Runtime(Replay):
     ) -> None:
         super().__init__(plan, problems, states)
         self.services = services
+        self.average_unroll = services.average_unroll
         for name, st in states.items():
             st.ready = dict.fromkeys(plan.problems[name].waits_for, False)
             if plan.problems[name].fp16_scaler:
@@ -161,6 +163,8 @@ class Runtime(Replay):
             if loss is not None and record:
                 st.last_loss = loss.detach()
         elif loss is None:
+            if params and not pp.direct_lowers:
+                raise missing_loss(name, len(params))
             grads = tuple(torch.zeros_like(t) for t in params)
         else:
             if not all_finite([loss.detach()]):
@@ -169,7 +173,9 @@ class Runtime(Replay):
                 st.last_loss = loss.detach()
             try:
                 target = loss if scaler is None else scaler.scale(loss)
-                grads = gradient(target, params, create_graph=keep_graph)
+                grads = gradient(
+                    target, params, create_graph=keep_graph, name=None if pp.direct_lowers else name
+                )
             except HypergradientError as err:  # a lower's solver diverged in the backward pass
                 if pp.on_nonfinite == "raise":
                     raise HypergradientError(f"problem {name!r}, step {st.steps}: {err}") from err
@@ -192,7 +198,7 @@ class Runtime(Replay):
                 pp.dopt,
                 st.optimizer,
                 params,
-                grads,
+                self.reduce_unroll(name, grads),
                 st.opt_state,
                 clipping=pp.clipping,
                 warmup=pp.warmup(st.updates),

@@ -158,7 +158,10 @@ def _plan_problem(
     if (differentiable or tracks) and p.optimizer is not None:
         from mlopt.optim import DifferentiableOptimizer
 
-        dopt = DifferentiableOptimizer(p.optimizer, problem_state(p).leaves())
+        try:
+            dopt = DifferentiableOptimizer(p.optimizer, problem_state(p).leaves())
+        except ConfigError as err:
+            raise ConfigError(f"problem {name!r} ({method.name} unroll): {err}") from None
     u2l_lowers = graph.u2l.get(name, ())
     direct = tuple(
         low

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mlopt.errors import DependencyError
 from mlopt.hypergrad import checkpointed as ckr
 from mlopt.hypergrad.base import attach
 from mlopt.runtime.context import Exposure, named_vjp
@@ -25,9 +26,21 @@ from mlopt.runtime.match import explicit_gradient
 from mlopt.runtime.pipeline import differentiable_update
 from mlopt.step import gradient
 
-__all__ = ["Replay"]
+__all__ = ["Replay", "missing_edge"]
 
 Vec = tuple[torch.Tensor, ...]
+
+
+def missing_edge(reader: str, name: str) -> DependencyError:
+    """Two problems read each other without the edges that carry the hypergradient."""
+    return DependencyError(
+        f"problem {reader!r} reads problem {name!r}, whose training_step reads {reader!r}, but "
+        "no dependency edge carries the hypergradient between them: the gradient would silently "
+        f"miss how {name!r} depends on {reader!r}. Declare the upper U and lower L with "
+        f"u2l {{U: [L]}} and l2u {{L: [U]}} (e.g. u2l {{{reader!r}: [{name!r}]}}, l2u "
+        f"{{{name!r}: [{reader!r}]}}), or read self.{name} under torch.no_grad() in {reader!r} "
+        "if it must not differentiate through it"
+    )
 
 
 class Replay(Exposure):
@@ -40,7 +53,13 @@ class Replay(Exposure):
             return None
         reader = self._active[-1]
         pp, st = self.plan.problems[name], self.states[name]
-        if reader == name or name not in self.plan.problems[reader].reads:
+        if reader == name:
+            return None
+        if name not in self.plan.problems[reader].reads:
+            if torch.is_grad_enabled():
+                self._reads.add((reader, name))
+                if (name, reader) in self._reads:
+                    raise missing_edge(reader, name)
             return None
         if st.segment is not None:  # read in mid-segment: join it now
             self.close_segment(name)
@@ -54,6 +73,14 @@ class Replay(Exposure):
         out = attach(ctx.params, ctx.uppers, functools.partial(named_vjp, pp.method, ctx))
         self._cache[name] = (key, out)
         return out
+
+    def reduce_unroll(self, name: str, grads: Vec) -> Vec:
+        """Under data parallelism a persistent lower's differentiable update takes the gradient
+        averaged over ranks (differentiably: one model trained on every rank's data, identical
+        on all ranks); a meta-initialized lower adapts to its own rank's task."""
+        if self.average_unroll is None or self.plan.problems[name].init is not None:
+            return grads
+        return self.average_unroll(grads)
 
     def segment_record(self, name: str, batch: Any) -> ckr.StepRecord:
         """Open (or extend) the segment of ``Reverse(checkpoint=k)`` with this update's record."""
@@ -104,7 +131,7 @@ class Replay(Exposure):
                                 pp.dopt,
                                 None,
                                 params,
-                                grads,
+                                self.reduce_unroll(name, grads),
                                 state,
                                 clipping=pp.clipping,
                                 warmup=1.0,
