@@ -208,12 +208,15 @@ def data(seed):
     return TensorDataset(x, x.sum(1, keepdim=True))
 
 
-def program(iters, *, own_generator, bda=False, **engine_kw):
+def program(iters, *, own_generator, bda=False, stateful=False, **engine_kw):
     torch.manual_seed(0)
+    loader = DataLoader
+    if stateful:
+        loader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
     gen = torch.Generator().manual_seed(11) if own_generator else None
-    low_loader = DataLoader(data(0), batch_size=4, shuffle=True, generator=gen)
+    low_loader = loader(data(0), batch_size=4, shuffle=True, generator=gen)
     up_gen = torch.Generator().manual_seed(12) if own_generator else None
-    up_loader = DataLoader(data(1), batch_size=3, shuffle=True, generator=up_gen)
+    up_loader = loader(data(1), batch_size=3, shuffle=True, generator=up_gen)
     net, hp_mod = nn.Linear(2, 1).double(), Vec([-1.0])
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
     cfg = mlopt.Config(unroll_steps=2)
@@ -231,17 +234,27 @@ def program(iters, *, own_generator, bda=False, **engine_kw):
 
 
 @pytest.mark.parametrize(
-    "own_generator,bda", [(True, False), (False, True), (True, True)], ids=["gen", "bda", "both"]
+    "own_generator,bda,stateful",
+    [
+        (True, False, False),
+        (False, True, False),
+        (True, True, False),
+        (False, False, True),
+        (True, False, True),
+        (True, True, True),
+    ],
+    ids=["gen", "bda", "both", "torchdata", "torchdata-gen", "torchdata-bda"],
 )
-def test_resume_is_bitwise_exact_across_epochs(tmp_path, own_generator, bda):
-    full, net, hp_mod = program(14, own_generator=own_generator, bda=bda)
+def test_resume_is_bitwise_exact_across_epochs(tmp_path, own_generator, bda, stateful):
+    kw = {"own_generator": own_generator, "bda": bda, "stateful": stateful}
+    full, net, hp_mod = program(14, **kw)
     full.run()
-    kw = {"checkpoint_dir": str(tmp_path), "checkpoint_step": 6}
-    first, *_ = program(6, own_generator=own_generator, bda=bda, **kw)
+    kw |= {"checkpoint_dir": str(tmp_path), "checkpoint_step": 6}
+    first, *_ = program(6, **kw)
     first.run()  # 6 iterations: past the first epoch of both loaders
     # a new process would also draw other random numbers before resuming
     torch.manual_seed(999)
-    resumed, net2, hp2 = program(14, own_generator=own_generator, bda=bda, **kw, resume=True)
+    resumed, net2, hp2 = program(14, **kw, resume=True)
     resumed.run()
     assert torch.equal(net.weight, net2.weight) and torch.equal(net.bias, net2.bias)
     assert torch.equal(hp_mod.weight, hp2.weight)

@@ -4,7 +4,8 @@ The position is saved as (epoch, batches drawn in it) plus what decides the epoc
 global torch generator when the epoch's iterator was created, and the loader's own
 ``generator=`` (and its sampler's) when it has one. Resuming recreates the epoch's iterator under
 those states and skips the drawn batches. A loader with its own ``state_dict()`` (torchdata's
-``StatefulDataLoader``) saves and restores itself instead.
+``StatefulDataLoader``) saves and restores its epoch itself; its own generators are saved as
+they are at the save, so that the following epochs are drawn exactly as well.
 
 Example:
     >>> import torch
@@ -93,7 +94,14 @@ class DataStream:
         """Epoch, position and the generator states that decided the epoch's order."""
         out: dict[str, Any] = {"epoch": self.epoch, "position": self.position}
         if _stateful(self.loader):
-            out["loader"] = self.loader.state_dict()
+            # this stream's own iterator when it is stateful (torchdata's are: the loader's
+            # state_dict() describes its latest iterator, which may be another stream's, e.g.
+            # BDA's over the upper's loader); None between epochs
+            source = self._iter if _stateful(self._iter) else self.loader
+            out["loader"] = None if self._iter is None else source.state_dict()
+            # the loader restores its epoch's order from the generator state at the epoch's start;
+            # the later epochs need the generators as they are now
+            out["generators"] = [g.get_state() for g in _generators(self.loader)]
         else:
             out["rng"] = self._iter_rng
             out["generators"] = self._iter_gens
@@ -105,9 +113,12 @@ class DataStream:
         if self.loader is None:
             return
         if "loader" in state:
-            self.loader.load_state_dict(state["loader"])
             self.position = state["position"]
-            self._iter = iter(self.loader)
+            if state["loader"] is not None:
+                self.loader.load_state_dict(state["loader"])
+                self._iter = iter(self.loader)  # (restores the epoch, moving its generators)
+            for g, s in zip(_generators(self.loader), state.get("generators") or []):
+                g.set_state(s)
             return
         if state.get("rng") is None:
             return
