@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,7 +68,15 @@ class Engine:
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):
             raise ConfigError(f"Engine: config must be a mlopt.EngineConfig, got {type(config)}")
+        if isinstance(problems, Problem) or not isinstance(problems, Iterable):
+            raise ConfigError(
+                f"Engine: problems must be a list of mlopt.Problem objects, got "
+                f"{type(problems).__name__}"
+                + (" (pass [problem])" if isinstance(problems, Problem) else "")
+            )
         problems = list(problems)
+        if not problems:
+            raise ConfigError("Engine: problems is empty; pass the mlopt.Problem objects to run")
         for p in problems:
             if not isinstance(p, Problem):
                 raise DependencyError(f"Engine: {p!r} is not a mlopt.Problem")
@@ -122,10 +130,10 @@ class Engine:
         if self.distributed is not None:
             self.distributed.start([st.module for st in states.values() if st.module is not None])
         self.run_state = RunState(best_metric=run.initial_best)
-        self.logger = make_logger(config, rank=services.rank)
         if resume is not None:
             self.load_checkpoint(resume)
         self.runtime.open_windows()
+        self.logger = make_logger(config, rank=services.rank)  # last: it may create files
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -309,8 +317,13 @@ class Engine:
         return ckpt.program_state(self.plan, self.states, self.run_state)
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        ckpt.load_program_state(self.states, self.run_state, state)
+        """Restore what :meth:`state_dict` returned, all or nothing.
+
+        Raises:
+            ConfigError: ``state`` lacks entries or does not fit the program (problems, graph,
+                parameter shapes, optimizers, schedulers, scalers); nothing was changed.
+        """
+        ckpt.load_program_state(self.plan, self.states, self.run_state, state)
 
     def save_checkpoint(self, name: str | None = None) -> str | None:
         """Atomically write a checkpoint into ``checkpoint_dir`` (rank 0 only); returns its path."""
@@ -327,9 +340,19 @@ class Engine:
         )
 
     def load_checkpoint(self, path: str | bool) -> None:
-        """Resume from ``path`` (or the latest checkpoint in ``checkpoint_dir`` for True)."""
+        """Resume from ``path`` (or the latest checkpoint in ``checkpoint_dir`` for True).
+
+        The file is validated (a readable, integrity-checked mlopt checkpoint with all its
+        entries), then its fit to this program; only then is anything restored.
+
+        Raises:
+            ConfigError: naming the path and what is wrong; nothing was changed.
+        """
         path = ckpt.resolve(path, self.run_plan.checkpoint_dir)
-        self.load_state_dict(ckpt.safe_load(path, map_location=self.device))
+        state = ckpt.read_checkpoint(path, map_location=self.device)
+        ckpt.load_program_state(
+            self.plan, self.states, self.run_state, state, source=f"checkpoint {path!r}"
+        )
 
 
 def validation_metrics(out: Any) -> dict[str, float]:

@@ -73,6 +73,11 @@ def normalize(names: Sequence[str], dependencies: Mapping[str, Any] | None) -> G
                 f"two problems are named {n!r}; every problem needs a unique name"
             )
         seen.add(n)
+    if dependencies is not None and not isinstance(dependencies, Mapping):
+        raise DependencyError(
+            "dependencies must be a dict {'u2l': {upper: [lowers]}, 'l2u': {lower: [uppers]}}, "
+            f"got {type(dependencies).__name__}"
+        )
     dependencies = dict(dependencies or {})
     unknown = set(dependencies) - {"u2l", "l2u"}
     if unknown:

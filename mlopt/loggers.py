@@ -9,13 +9,14 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
 from mlopt.config import EngineConfig
 from mlopt.errors import ConfigError
 
-__all__ = ["make_logger", "Logger"]
+__all__ = ["make_logger", "check_logger", "Logger"]
 
 _log = logging.getLogger("mlopt")
 
@@ -42,6 +43,15 @@ class Logger:
         """Write buffered records."""
         if self.kind == "tensorboard":
             self.backend.flush()
+
+
+def check_logger(config: EngineConfig) -> None:
+    """Fail before training when the chosen backend is not installed."""
+    if config.logger_type == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "EngineConfig: logger_type='wandb' but wandb is not installed; `pip install wandb` "
+            "or use logger_type='tensorboard'"
+        )
 
 
 def make_logger(config: EngineConfig, rank: int = 0) -> Logger:

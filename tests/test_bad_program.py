@@ -394,9 +394,15 @@ def test_reading_along_declared_edges_is_fine():
         (0.5, r"validation\(\) must return a dict of metrics, got float"),
         ([("loss", 1.0)], r"validation\(\) must return a dict of metrics, got list"),
         ({"acc": "high"}, r"validation\(\) returned 'acc': str; each metric must be a number"),
-        ({"acc": torch.ones(3)}, r"validation\(\) returned 'acc': Tensor of shape \(3,\); .*\.mean\(\)"),
+        (
+            {"acc": torch.ones(3)},
+            r"validation\(\) returned 'acc': Tensor of shape \(3,\); .*\.mean\(\)",
+        ),
         ({"acc": True}, r"validation\(\) returned 'acc': bool"),
-        ({1: 0.5}, r"validation\(\) returned 1: float; each metric must be a number .* under a string key"),
+        (
+            {1: 0.5},
+            r"validation\(\) returned 1: float; each metric must be a number .* under a string key",
+        ),
     ],
 )
 def test_bad_validation_result(result, match):
@@ -416,3 +422,50 @@ def test_validation_may_return_tensors_and_none():
     e = E([prob("a")], {}, mlopt.EngineConfig(train_iters=2, valid_step=1))
     e.run()
     assert e.history == [{"iteration": 1, "loss": 0.25, "n": 3.0}, {"iteration": 2}]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed"
+)
+def test_missing_wandb_fails_before_any_problem_is_bound():
+    a = prob("a")
+    with pytest.raises(ConfigError, match=r"logger_type='wandb' but wandb is not installed; `pip"):
+        engine([a], {}, logger_type="wandb")
+    assert a.engine is None
+
+
+# ---------------------------------------------------------------------- Engine arguments
+def test_bad_engine_arguments():
+    a = prob("a")
+    with pytest.raises(
+        ConfigError, match=r"problems must be a list of mlopt.Problem .*\[problem\]"
+    ):
+        mlopt.Engine(a)
+    with pytest.raises(ConfigError, match=r"problems must be a list .* got int"):
+        mlopt.Engine(3)
+    with pytest.raises(ConfigError, match=r"problems is empty; pass the mlopt.Problem objects"):
+        mlopt.Engine([])
+    with pytest.raises(DependencyError, match=r"Engine: 'a' is not a mlopt.Problem"):
+        mlopt.Engine(["a"])
+    assert a.engine is None
+
+
+@pytest.mark.parametrize(
+    "deps, match",
+    [
+        ([("a", "b")], r"dependencies must be a dict \{'u2l': .*got list"),
+        ({"U2L": {"a": ["b"]}}, r"unknown dependency keys \['U2L'\]; use 'u2l'"),
+        ({"u2l": [("a", "b")]}, r"dependencies\['u2l'\] must be a dict"),
+        ({"u2l": {"a": ["a"]}}, r"u2l edge from 'a' to itself; remove it"),
+        ({"u2l": {"a": ["zz"]}}, r"problem 'zz' appears in dependencies\['u2l'\] but not in"),
+    ],
+)
+def test_bad_dependencies(deps, match):
+    with pytest.raises(DependencyError, match=match):
+        engine([prob("a"), prob("b")], deps)
+
+
+def test_single_items_stand_for_one_element_lists():
+    a, b = prob("a"), prob("b")
+    e = engine([a, b], {"u2l": {a: b}, "l2u": {b: a}})
+    assert e.graph.u2l == {"a": ("b",)} and e.graph.l2u == {"b": ("a",)}

@@ -23,6 +23,7 @@ import torch
 
 from mlopt.config import EngineConfig, freeze
 from mlopt.errors import ConfigError
+from mlopt.loggers import check_logger
 
 __all__ = ["EarlyStopping", "RunPlan", "compile_run", "choose_device"]
 
@@ -122,6 +123,7 @@ def compile_run(config: EngineConfig) -> RunPlan:
         ConfigError: an invalid field, naming the field and the fix.
     """
     config.validate()
+    check_logger(config)
     stop = None
     if config.early_stopping:
         stop = EarlyStopping(

@@ -17,7 +17,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,11 @@ import torch
 
 from mlopt.runtime.data import DataStream
 
-__all__ = ["ProblemState", "RunState"]
+__all__ = ["ProblemState", "RunState", "REQUIRED_KEYS"]
 
 Vec = tuple[torch.Tensor, ...]
 _COUNTERS = ("window_count", "steps", "updates", "accumulated")
+REQUIRED_KEYS = (*_COUNTERS, "ready", "data")  # in every ProblemState.state_dict()
 
 
 class ProblemState:
@@ -177,6 +179,21 @@ class ProblemState:
         for k in list(self._saved_extras):
             if k in self.extras:
                 self.extras[k].load_state_dict(self._saved_extras.pop(k))
+
+    def restorer(self) -> Callable[[], None]:
+        """A function that puts this state back as it is now (the undo of a failed load)."""
+        saved = copy.deepcopy(self.state_dict())
+        window = (self.fast, self.opt_state, self.opened, self.segment)
+        ready, pending = dict(self.ready), dict(self._saved_extras)
+
+        def undo() -> None:
+            self.load_state_dict(saved)
+            self.fast, self.opt_state, self.opened, self.segment = window
+            self.ready.clear()
+            self.ready.update(ready)
+            self._saved_extras = pending
+
+        return undo
 
     def extra(self, key: str, factory: Any) -> Any:
         """The method extra ``key``, created by ``factory()`` on first use; an extra saved in
