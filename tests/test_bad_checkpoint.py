@@ -28,6 +28,7 @@ from torch import nn
 
 import mlopt
 from mlopt import checkpoint as ckpt
+from mlopt import checkpoint_io as ckpt_io
 from mlopt.errors import ConfigError
 
 F64 = torch.float64
@@ -571,14 +572,15 @@ def test_killed_writer_keeps_last_and_its_leftover_is_removed_by_the_next_save(t
     assert ckpt.read_checkpoint(str(tmp_path / "last.pt"))["run"]["iteration"] == 6
 
 
-@pytest.mark.skipif(ckpt.fcntl is None, reason="needs file locks (fcntl)")
+@pytest.mark.skipif(ckpt_io.fcntl is None, reason="needs file locks (fcntl)")
 def test_a_live_writers_temporary_file_is_kept(tmp_path):
     engine = program(6, checkpoint_dir=str(tmp_path))
     engine.run()
     live = tmp_path / ".last.pt.writing.tmp"
     with open(live, "wb") as f:
-        ckpt.fcntl.flock(f.fileno(), ckpt.fcntl.LOCK_EX)  # what atomic_save holds while writing
-        _backdate(live, 2 * ckpt.STALE_TMP_S)
+        # what atomic_save holds while writing
+        ckpt_io.fcntl.flock(f.fileno(), ckpt_io.fcntl.LOCK_EX)
+        _backdate(live, 2 * ckpt_io.STALE_TMP_S)
         engine.save_checkpoint()
         assert _temps(tmp_path) == [live.name]
     engine.save_checkpoint()  # the lock is released: an abandoned file
@@ -586,14 +588,14 @@ def test_a_live_writers_temporary_file_is_kept(tmp_path):
 
 
 def test_without_file_locks_only_old_temporary_files_are_removed(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "fcntl", None)  # e.g. a filesystem without flock
+    monkeypatch.setattr(ckpt_io, "fcntl", None)  # e.g. a filesystem without flock
     engine = program(6, checkpoint_dir=str(tmp_path))
     engine.run()
     leftover = tmp_path / ".last.pt.dead.tmp"
     leftover.write_bytes(b"PK\x03\x04 half")
     engine.save_checkpoint()
     assert _temps(tmp_path) == [leftover.name]  # it could be a live writer's
-    _backdate(leftover, ckpt.STALE_TMP_S + 10)
+    _backdate(leftover, ckpt_io.STALE_TMP_S + 10)
     engine.save_checkpoint()
     assert _temps(tmp_path) == []
     assert ckpt.read_checkpoint(str(tmp_path / "last.pt"))["run"]["iteration"] == 6
@@ -675,4 +677,4 @@ def test_seal_digest_covers_the_payload():
     assert sealed["format"] == ckpt.FORMAT == 3 and len(sealed["sha256"]) == 64
     sealed["payload"][-1] ^= 1
     with pytest.raises(ConfigError, match="sha256 mismatch"):
-        ckpt._unseal(sealed, "x", "cpu")
+        ckpt_io.unseal(sealed, "x", "cpu")
