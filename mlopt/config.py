@@ -13,11 +13,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mlopt.errors import ConfigError
+from mlopt.migration import BETTY_CONFIG, BETTY_ENGINE_CONFIG, BETTY_STRATEGIES, unknown_field
 
 __all__ = [
     "freeze",
@@ -42,9 +44,14 @@ def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+def _check_choice(
+    owner: str, name: str, value: Any, choices: tuple[str, ...], betty: dict | None = None
+) -> None:
     if value not in choices:
-        raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
+        hint = ""
+        if betty and isinstance(value, str) and value in betty:
+            hint = f" ({value!r} is Betty's; in mlopt: {betty[value]})"
+        raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}{hint}")
 
 
 def _check_bool(owner: str, name: str, value: Any) -> None:
@@ -159,6 +166,10 @@ class Config(_ReadOnlyOnceCompiled):
         _check_int(owner, "unroll_steps", self.unroll_steps, 1)
         _check_int(owner, "gradient_accumulation", self.gradient_accumulation, 1)
         _check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        if self.log_step == -1:
+            raise ConfigError(
+                "Config: log_step=-1 is Betty's 'no logging'; in mlopt use log_step=0 (the default)"
+            )
         _check_int(owner, "log_step", self.log_step, 0)
         _check_choice(owner, "precision", self.precision, PRECISIONS)
         _check_choice(owner, "on_nonfinite", self.on_nonfinite, _ON_NONFINITE)
@@ -265,7 +276,7 @@ class EngineConfig(_ReadOnlyOnceCompiled):
         _check_int(owner, "checkpoint_step", self.checkpoint_step, 0)
         _check_int(owner, "early_stopping_patience", self.early_stopping_patience, 1)
         _check_choice(owner, "logger_type", self.logger_type, LOGGERS)
-        _check_choice(owner, "strategy", self.strategy, STRATEGIES)
+        _check_choice(owner, "strategy", self.strategy, STRATEGIES, BETTY_STRATEGIES)
         _check_choice(owner, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
         for flag in ("progress", "early_stopping", "roll_back"):
             _check_bool(owner, flag, getattr(self, flag))
@@ -297,3 +308,27 @@ class EngineConfig(_ReadOnlyOnceCompiled):
             )
         if self.resume is True and self.checkpoint_dir is None:
             raise ConfigError("EngineConfig: resume=True needs checkpoint_dir to look in")
+
+
+def _reject_unknown_options(cls: type, betty: dict[str, str]) -> None:
+    """Wrap the dataclass ``__init__`` of ``cls``: an unknown keyword is a ConfigError naming the
+    mlopt equivalent of Betty's option, or the closest field (not a bare TypeError)."""
+    init = cls.__init__
+    names = [f.name for f in fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in names:
+                raise unknown_field(cls.__name__, key, names, betty)
+        if len(args) > len(names):
+            raise ConfigError(
+                f"{cls.__name__} takes at most {len(names)} arguments; pass options by keyword"
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
+_reject_unknown_options(Config, BETTY_CONFIG)
+_reject_unknown_options(EngineConfig, BETTY_ENGINE_CONFIG)

@@ -142,6 +142,21 @@ class Engine:
         return self.run_state.iteration
 
     @property
+    def global_step(self) -> int:
+        """Betty's name for :attr:`iteration` (the same number)."""
+        return self.run_state.iteration
+
+    def __getattr__(self, item: str) -> Any:
+        # Betty's habit: problems reached as engine.<name> (e.g. self.inner in validation())
+        problems = self.__dict__.get("problems_by_name")
+        if problems is not None and item in problems:
+            return problems[item]
+        raise AttributeError(
+            f"{type(self).__name__} has no attribute {item!r}"
+            + (f"; problems are {sorted(problems)}" if problems else "")
+        )
+
+    @property
     def stopped(self) -> bool:
         """Whether early stopping ended the run."""
         return self.run_state.stopped

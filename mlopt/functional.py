@@ -17,14 +17,14 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["ModuleView", "call_with", "trainable_parameters"]
+__all__ = ["ModuleView", "call_with", "trainable_parameters", "versions"]
 
 ParamsFn = Callable[[], "Mapping[str, torch.Tensor] | None"]
 
@@ -32,6 +32,12 @@ ParamsFn = Callable[[], "Mapping[str, torch.Tensor] | None"]
 def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` pairs of the module's parameters that require gradients."""
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def versions(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """Torch's in-place modification counters of ``tensors`` (``Tensor._version``, which every
+    in-place operation bumps): equal before and after a call means nothing was written."""
+    return tuple(t._version for t in tensors)
 
 
 def _subdict(params: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from torch import nn
 from mlopt.config import Config
 from mlopt.errors import ConfigError, MLOptError
 from mlopt.functional import ModuleView
+from mlopt.migration import BETTY_HOOKS, betty_hook_error
 from mlopt.runtime.state import ProblemState
 
 __all__ = ["Problem", "problem_state", "bind", "unbind"]
@@ -62,23 +63,25 @@ class Problem:
         config: Config | None = None,
         scheduler: Any = None,
     ) -> None:
-        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-            raise ConfigError(
-                "problem name must be a Python identifier (it is used as self.<name>), "
-                f"got {name!r}"
-            )
-        if name.startswith("_") or hasattr(Problem, name) or name in _INSTANCE_ATTRIBUTES:
-            raise ConfigError(
-                f"problem name {name!r} would shadow "
-                + ("a private attribute" if name.startswith("_") else f"Problem.{name}")
-                + " (other problems reach this one as self.<name>); choose another name, "
-                f"e.g. {name.strip('_') + '_problem'!r}"
-            )
+        _check_name(name)
+        d = self.__dict__
+        d["name"] = name
+        for hook in BETTY_HOOKS:
+            if callable(getattr(type(self), hook, None)):
+                raise betty_hook_error(name, hook)
+        module, optimizer, scheduler, train_data_loader = self._configured(
+            module, optimizer, scheduler, train_data_loader
+        )
         _check_loader(name, train_data_loader)
         _check_scheduler(name, scheduler)
         if module is not None and not isinstance(module, nn.Module):
+            swapped = (
+                " (mlopt's order is Problem(name, module, optimizer, train_data_loader, "
+                "config, scheduler); Betty's starts with config: pass config=... by keyword)"
+            )
             raise ConfigError(
                 f"problem {name!r}: module must be a torch.nn.Module, got {type(module)}"
+                + (swapped if isinstance(module, Config) else "")
             )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -90,8 +93,6 @@ class Problem:
             raise ConfigError(
                 f"problem {name!r}: config must be a mlopt.Config, got {type(config)}"
             )
-        d = self.__dict__
-        d["name"] = name
         d["config"] = config
         d["optimizer"] = optimizer
         d["scheduler"] = scheduler
@@ -100,6 +101,22 @@ class Problem:
         d["_engine"] = None
         d["_state"] = ProblemState(name, module, optimizer, scheduler, train_data_loader)
         d["_view"] = ModuleView(module, self._visible) if module is not None else None
+
+    def _configured(self, module: Any, optimizer: Any, scheduler: Any, loader: Any) -> tuple:
+        """What was not passed, from Betty's ``configure_*`` hooks, called in Betty's order
+        (loader, module, optimizer, scheduler) with ``self.module`` and ``self.optimizer`` set."""
+        d, cls = self.__dict__, type(self)
+        if loader is None and callable(getattr(cls, "configure_train_data_loader", None)):
+            loader = self.configure_train_data_loader()
+        if module is None and callable(getattr(cls, "configure_module", None)):
+            module = self.configure_module()
+        d["_view"] = ModuleView(module, lambda: None) if isinstance(module, nn.Module) else None
+        if optimizer is None and callable(getattr(cls, "configure_optimizer", None)):
+            optimizer = self.configure_optimizer()
+        d["optimizer"] = optimizer
+        if scheduler is None and callable(getattr(cls, "configure_scheduler", None)):
+            scheduler = self.configure_scheduler()
+        return module, optimizer, scheduler, loader
 
     # ------------------------------------------------------------------ user API
     def training_step(self, batch: Any) -> torch.Tensor | dict:
@@ -144,10 +161,15 @@ class Problem:
         """The current trainable parameters by name."""
         return dict(zip(self._names, self._current()))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """What ``problem(...)`` computes: the module with the current parameters. Override it
+        (as in Betty) to compute something else; ``self.module(...)`` stays the module."""
         if self._view is None:
             raise MLOptError(f"problem {self.name!r} has no module to call")
         return self._view(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
 
     def __getattr__(self, item: str) -> Any:
         engine = self.__dict__.get("_engine")
@@ -203,6 +225,21 @@ class Problem:
     def _commit(self) -> None:
         """Write the fast weights into the module's parameters and drop the graph."""
         self._state.commit()
+
+
+def _check_name(name: Any) -> None:
+    """A problem's name is an identifier that shadows nothing (it is reached as self.<name>)."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise ConfigError(
+            f"problem name must be a Python identifier (it is used as self.<name>), got {name!r}"
+        )
+    if name.startswith("_") or hasattr(Problem, name) or name in _INSTANCE_ATTRIBUTES:
+        raise ConfigError(
+            f"problem name {name!r} would shadow "
+            + ("a private attribute" if name.startswith("_") else f"Problem.{name}")
+            + " (other problems reach this one as self.<name>); choose another name, "
+            f"e.g. {name.strip('_') + '_problem'!r}"
+        )
 
 
 def _check_loader(name: str, loader: Any) -> None:

@@ -77,8 +77,10 @@ class Runtime(Replay):
         """Execute one operation of the schedule."""
         if isinstance(op, schedule.Update):
             self.step(op.problem)
-        elif isinstance(op, schedule.OpenWindow):
-            self.begin_window(op.problem)
+        elif isinstance(op, schedule.StartWindow):
+            window.start_window(self.plan, self.states, self.problems[op.problem], op.problem)
+        elif isinstance(op, schedule.EndWindow):
+            window.end_window(self.plan, self.states, op.problem)
         else:
             for low in op.lowers:
                 if self.states[low].snapshot is not None:
@@ -89,15 +91,11 @@ class Runtime(Replay):
         return schedule.iteration(self.plan, self.states, self.run)
 
     def open_windows(self) -> None:
-        """Open every window whose predecessor closed (before the first iteration, on resume)."""
+        """Prepare and start every window not yet open (before the first iteration, on resume)."""
         for op in schedule.windows_to_open(self.plan, self.states):
             self.run(op)
 
     # ------------------------------------------------------------------ windows
-    def begin_window(self, name: str) -> None:
-        """Commit the previous window and start a new one (see :mod:`mlopt.runtime.window`)."""
-        window.begin_window(self.plan, self.states, self.problems[name], name)
-
     def sync_modules(self) -> None:
         """Write fast weights and functional optimizer state into the modules and optimizers."""
         window.sync_modules(self.plan, self.states)
@@ -108,7 +106,7 @@ class Runtime(Replay):
         pp, st = self.plan.problems[name], self.states[name]
         starts = st.window_count == 0
         if not st.opened:
-            self.begin_window(name)
+            self.run(schedule.StartWindow(name))
         if pp.resample_window and not starts:
             batch = st.batch
         else:

@@ -6,8 +6,9 @@ the next, and ``print(engine)`` lists the operations of the first iterations by 
 generator over counters that only book steps.
 
 Example:
-    >>> [str(op) for op in (Update("low"), RollBack("up", ("low",)), OpenWindow("low"))]
-    ['update low', 'roll back low (after up)', 'open window low']
+    >>> ops = (StartWindow("low"), Update("low"), RollBack("up", ("low",)), EndWindow("low"))
+    >>> [str(op) for op in ops]
+    ['start window low', 'update low', 'roll back low (after up)', 'end window low']
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from dataclasses import dataclass
 from mlopt.runtime.plan import Plan
 from mlopt.runtime.state import ProblemState
 
-__all__ = ["Update", "RollBack", "OpenWindow", "iteration", "should_step", "book", "operations"]
+__all__ = [
+    "Update",
+    "RollBack",
+    "StartWindow",
+    "EndWindow",
+    "windows_to_open",
+    "iteration",
+    "should_step",
+    "book",
+    "operations",
+]
 
 
 @dataclass(frozen=True)
@@ -43,16 +54,27 @@ class RollBack:
 
 
 @dataclass(frozen=True)
-class OpenWindow:
-    """Open the next unroll window of a problem (meta-initialization, fresh optimizer state)."""
+class StartWindow:
+    """Start a problem's next unroll window, just before its first update (its hook, the
+    meta-initialization, fresh window state)."""
 
     problem: str
 
     def __str__(self) -> str:
-        return f"open window {self.problem}"
+        return f"start window {self.problem}"
 
 
-Op = Update | RollBack | OpenWindow
+@dataclass(frozen=True)
+class EndWindow:
+    """Close a problem's finished window at the end of the iteration (commit its state)."""
+
+    problem: str
+
+    def __str__(self) -> str:
+        return f"end window {self.problem}"
+
+
+Op = Update | RollBack | StartWindow | EndWindow
 
 
 def should_step(plan: Plan, states: Mapping[str, ProblemState], name: str) -> bool:
@@ -81,11 +103,15 @@ def iteration(
     plan: Plan, states: Mapping[str, ProblemState], run: Callable[[Op], None]
 ) -> list[str]:
     """Emit and ``run`` the operations of one iteration; returns the problems that updated."""
-    stepped = []
+    stepped, ended = [], []
     for name in plan.order:
         if should_step(plan, states, name):
+            if not states[name].opened:  # (until then it holds its trained state)
+                run(StartWindow(name))
             run(Update(name))
             stepped.append(name)
+            if states[name].window_count == 0:
+                ended.append(name)
     if plan.roll_back:
         for upper in stepped:
             lowers = tuple(
@@ -95,16 +121,20 @@ def iteration(
             )
             if lowers:
                 run(RollBack(upper, lowers))
-    for op in windows_to_open(plan, states):
-        run(op)
+    for name in ended:
+        run(EndWindow(name))
     return stepped
 
 
-def windows_to_open(plan: Plan, states: Mapping[str, ProblemState]) -> Iterator[OpenWindow]:
-    """Windows open eagerly, as soon as the previous one closed (and at the start)."""
+def windows_to_open(
+    plan: Plan, states: Mapping[str, ProblemState]
+) -> Iterator[EndWindow | StartWindow]:
+    """Prepare and start every window not yet open (at the start and on resume; later a window
+    starts at its problem's first update)."""
     for name in plan.order:
         if not states[name].opened and states[name].window_count == 0:
-            yield OpenWindow(name)
+            yield EndWindow(name)
+            yield StartWindow(name)
 
 
 def operations(plan: Plan, iterations: int) -> list[list[Op]]:
@@ -118,7 +148,7 @@ def operations(plan: Plan, iterations: int) -> list[list[Op]]:
         ops.append(op)
         if isinstance(op, Update):
             book(plan, states, op.problem)
-        elif isinstance(op, OpenWindow):
+        elif isinstance(op, StartWindow):
             states[op.problem].opened = True
 
     for _ in windows_to_open(plan, states):
