@@ -469,3 +469,58 @@ def test_single_items_stand_for_one_element_lists():
     a, b = prob("a"), prob("b")
     e = engine([a, b], {"u2l": {a: b}, "l2u": {b: a}})
     assert e.graph.u2l == {"a": ("b",)} and e.graph.l2u == {"b": ("a",)}
+
+
+# ---------------------------------------------------------------------- user-defined methods
+class BadVjp(mlopt.hypergrad.Method):
+    """A method whose vjp returns ``self.output(ctx)``."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def __repr__(self):
+        return "BadVjp()"
+
+    def vjp(self, ctx, cotangent):
+        return self.output(ctx)
+
+
+@pytest.mark.parametrize(
+    "output, match",
+    [
+        (lambda ctx: (), r"BadVjp\(\)\.vjp returned 0 for 1 upper tensor\(s\) shaped \[\(1, 2\)\]"),
+        (lambda ctx: ctx.uppers[0], r"BadVjp\(\)\.vjp returned Parameter for 1 upper tensor"),
+        (
+            lambda ctx: (torch.zeros(3),),
+            r"BadVjp\(\)\.vjp's output 0 is \(3,\), but ctx.uppers\[0\] has",
+        ),
+        (
+            lambda ctx: ("grad",),
+            r"BadVjp\(\)\.vjp's output 0 is str, but ctx.uppers\[0\] has shape",
+        ),
+    ],
+    ids=["empty", "bare-tensor", "wrong-shape", "not-a-tensor"],
+)
+def test_user_method_with_a_wrong_vjp_output_names_the_lower(output, match):
+    class Up(mlopt.Problem):
+        def training_step(self, batch):
+            return (self.low.module.weight**2).sum()
+
+    class Low(mlopt.Problem):
+        def training_step(self, batch):
+            return ((self.module.weight - self.up.module.weight) ** 2).sum()
+
+    nets = [nn.Linear(2, 1, bias=False).double() for _ in range(2)]
+    up = Up("up", nets[0], torch.optim.SGD(nets[0].parameters(), lr=0.1))
+    low = Low(
+        "low",
+        nets[1],
+        torch.optim.SGD(nets[1].parameters(), lr=0.1),
+        config=mlopt.Config(type=BadVjp(output)),
+    )
+    before = nets[0].weight.detach().clone()
+    with pytest.raises(
+        HypergradientError, match=r"problem 'up', step 0: hypergradient through 'low': " + match
+    ):
+        engine([up, low], bilevel(up, low), train_iters=2).run()
+    assert torch.equal(nets[0].weight, before)  # the upper did not update
