@@ -129,7 +129,9 @@ class Config(_ReadOnlyOnceCompiled):
             (meta-initialization, MAML family). The modules must have the same parameter names.
         resample: ``"step"`` draws a new batch for every update; ``"window"`` draws one batch per
             unroll window and reuses it (one task per window, as in MAML). Default: ``"window"``
-            when ``initialize_from`` is set, else ``"step"``.
+            for a per-task problem, detected when the Engine is built: ``initialize_from`` is
+            set, the problem overrides ``on_inner_loop_start`` (it restarts each window), or
+            its loader is an ``mlopt.data.EpisodicSampler`` (it yields tasks); else ``"step"``.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` autocast for ``training_step``.
         gradient_accumulation: number of gradient computations summed (averaged) per optimizer
             update (a meta-batch of tasks for an upper problem).
@@ -155,6 +157,12 @@ class Config(_ReadOnlyOnceCompiled):
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def resample_is_default(self) -> bool:
+        """Whether ``resample`` was left to its default (the Engine may then detect a per-task
+        program: see the attribute's description)."""
+        return bool(self.__dict__.get("_auto_resample", False))
 
     def validate(self) -> None:
         """Check every field (again: the Engine calls this when it compiles the program).
@@ -226,7 +234,8 @@ class EngineConfig(_ReadOnlyOnceCompiled):
         valid_step: call ``Engine.validation()`` every this many iterations (0 disables).
         logger_type: ``"none"``, ``"tensorboard"`` or ``"wandb"``.
         log_dir: directory for TensorBoard/wandb logs.
-        progress: show a tqdm progress bar (only on a terminal, only on rank 0).
+        progress: show a tqdm progress bar with the losses, steps per second and validation
+            metrics (rank 0 only); None (the default): when standard error is a terminal.
         seed: seed for Python, NumPy and torch (None leaves the RNGs alone).
         checkpoint_dir: where checkpoints go (None disables checkpointing).
         checkpoint_step: save a checkpoint every this many iterations (0: only at the end).
@@ -248,7 +257,7 @@ class EngineConfig(_ReadOnlyOnceCompiled):
     valid_step: int = 0
     logger_type: str = "none"
     log_dir: str = "runs"
-    progress: bool = False
+    progress: bool | None = None
     seed: int | None = None
     checkpoint_dir: str | None = None
     checkpoint_step: int = 0
@@ -278,7 +287,9 @@ class EngineConfig(_ReadOnlyOnceCompiled):
         _check_choice(owner, "logger_type", self.logger_type, LOGGERS)
         _check_choice(owner, "strategy", self.strategy, STRATEGIES, BETTY_STRATEGIES)
         _check_choice(owner, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
-        for flag in ("progress", "early_stopping", "roll_back"):
+        if self.progress is not None:
+            _check_bool(owner, "progress", self.progress)
+        for flag in ("early_stopping", "roll_back"):
             _check_bool(owner, flag, getattr(self, flag))
         _check_text(owner, "log_dir", self.log_dir)
         _check_text(owner, "early_stopping_metric", self.early_stopping_metric)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -243,7 +244,10 @@ class Engine:
             while self.iteration < run.iterations and not self.stopped:
                 self.step()
                 if run.validate_now(self.iteration):
-                    self._validate()
+                    metrics = self._validate()
+                    if bar is not None and metrics:
+                        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                        bar.write(f"iteration {self.iteration}: validation {shown}", sys.stderr)
                 if run.checkpoint_now(self.iteration):
                     pending_save = True
                 if pending_save and ckpt.at_boundary(self.plan, self.states):
@@ -252,11 +256,13 @@ class Engine:
                 if self.run_state.pending_best and ckpt.at_boundary(self.plan, self.states):
                     self.save_checkpoint(name="best.pt")
                     self.run_state.pending_best = False
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None and bar.update(1):  # (losses read only when it redraws)
                     bar.set_postfix({k: f"{float(v):.4g}" for k, v in self.last_losses.items()})
         finally:
             if bar is not None:
+                bar.set_postfix(
+                    {k: f"{float(v):.4g}" for k, v in self.last_losses.items()}, refresh=False
+                )
                 bar.close()
         self.runtime.sync_modules()
         if run.checkpoint_dir is not None:

@@ -524,7 +524,32 @@ def test_progress_bar_runs(capsys):
     out = mlopt.Engine([p], {}, cfg).run()
     assert out["iterations"] == 5
     err = capsys.readouterr().err
-    assert "mlopt" in err and "5/5" in err
+    assert "mlopt" in err and "5/5" in err and "it/s" in err and "p=" in err
+
+
+def test_progress_bar_shows_validation_metrics(capsys):
+    class E(mlopt.Engine):
+        def validation(self):
+            return {"score": 0.125}
+
+    mod = Vec(W0)
+    p = Fit("p", mod, torch.optim.SGD(mod.parameters(), lr=0.1), train_data_loader=XS)
+    p.__dict__["seen"] = []
+    E([p], {}, mlopt.EngineConfig(train_iters=4, valid_step=2, progress=True)).run()
+    err = capsys.readouterr().err
+    assert "iteration 2: validation score=0.125" in err
+    assert "iteration 4: validation score=0.125" in err
+
+
+def test_progress_defaults_to_whether_stderr_is_a_terminal(monkeypatch):
+    import sys
+
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        mod = Vec(W0)
+        p = Fit("p", mod, torch.optim.SGD(mod.parameters(), lr=0.1), train_data_loader=XS)
+        engine = mlopt.Engine([p], {}, mlopt.EngineConfig(train_iters=1))
+        assert engine.run_plan.progress is tty
 
 
 # ---------------------------------------------------------------- DARTS roll-back
@@ -582,6 +607,46 @@ def test_resample_window_draws_one_batch_per_window(resample, expected):
     engine.run()
     assert [next(i for i, x in enumerate(XS) if x is b) for b in lower.seen] == expected
     assert lower.batch is XS[expected[-1]]
+
+
+def test_per_task_programs_draw_one_batch_per_window_by_default():
+    # a lower that restarts each window in on_inner_loop_start is a per-task program
+    class Restarting(QLower):
+        def on_inner_loop_start(self):
+            pass
+
+    engine, upper, lower, _ = bilevel(unroll=3, iters=6, lower_data=XS)
+    assert not engine.plan.problems["lower"].resample_window  # a persistent lower: per step
+    low_mod = Vec(W0)
+    restarting = Restarting(
+        "lower",
+        low_mod,
+        torch.optim.SGD(low_mod.parameters(), lr=0.1),
+        train_data_loader=XS,
+        config=mlopt.Config(unroll_steps=3),
+    )
+    restarting.__dict__["seen"] = []
+    up_mod = Vec(torch.zeros(3, dtype=F64))
+    upper = QUpper("upper", up_mod, torch.optim.SGD(up_mod.parameters(), lr=0.5))
+    mlopt.Engine(
+        [upper, restarting],
+        {"u2l": {upper: [restarting]}, "l2u": {restarting: [upper]}},
+        mlopt.EngineConfig(train_iters=6),
+    ).run()
+    assert [next(i for i, x in enumerate(XS) if x is b) for b in restarting.seen] == [
+        0, 0, 0, 1, 1, 1
+    ]  # fmt: skip
+
+
+def test_a_task_sampler_loader_draws_one_task_per_window_by_default():
+    from mlopt.data import EpisodicSampler
+
+    X, y = torch.randn(40, 1, 4, 4), torch.arange(40) % 4
+    tasks = EpisodicSampler((X, y), 2, 1, 1, seed=0, num_tasks=10)
+    engine, *_ = bilevel(unroll=3, iters=1, lower_data=tasks)
+    assert engine.plan.problems["lower"].resample_window
+    engine, *_ = bilevel(unroll=3, iters=1, lower_data=tasks, lower_cfg={"resample": "step"})
+    assert not engine.plan.problems["lower"].resample_window  # an explicit choice wins
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps_and_matches_unscaled_updates():

@@ -186,7 +186,7 @@ def _plan_problem(
         keeps_before=method.needs_params_before and bool(uppers),
         snapshots=roll_back and bool(uppers) and p.optimizer is not None,
         fp16_scaler=cfg.precision == "fp16" and not differentiable and p.optimizer is not None,
-        resample_window=cfg.resample == "window",
+        resample_window=_one_batch_per_window(p),
         unroll_steps=cfg.unroll_steps,
         accumulation=cfg.gradient_accumulation,
         clipping=cfg.gradient_clipping,
@@ -195,6 +195,23 @@ def _plan_problem(
         on_nonfinite=cfg.on_nonfinite,
         log_step=cfg.log_step,
     )
+
+
+def _one_batch_per_window(p: Problem) -> bool:
+    """``Config(resample=...)``, or by default whether ``p`` is a per-task problem: it is
+    meta-initialized, restarts each window in ``on_inner_loop_start``, or its loader yields
+    tasks (an ``EpisodicSampler``)."""
+    cfg = p.config
+    if not cfg.resample_is_default or cfg.resample == "window":
+        return cfg.resample == "window"
+    from mlopt.data.episodic import EpisodicSampler
+    from mlopt.problem import Problem as Base
+
+    loader = p.train_data_loader
+    tasks = isinstance(loader, EpisodicSampler) or any(
+        isinstance(getattr(loader, a, None), EpisodicSampler) for a in ("sampler", "batch_sampler")
+    )
+    return tasks or type(p).on_inner_loop_start is not Base.on_inner_loop_start
 
 
 def _check_checkpointed(plans: Mapping[str, ProblemPlan], graph: Graph) -> None:

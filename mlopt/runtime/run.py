@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -133,7 +134,7 @@ def compile_run(config: EngineConfig) -> RunPlan:
     plan = RunPlan(
         iterations=config.train_iters,
         valid_every=config.valid_step,
-        progress=config.progress,
+        progress=sys.stderr.isatty() if config.progress is None else config.progress,
         seed=config.seed,
         checkpoint_dir=None if folder is None else _writable_folder(folder),
         checkpoint_every=config.checkpoint_step,
