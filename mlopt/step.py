@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mlopt.errors import ConfigError, HypergradientError
+from mlopt.linalg.vec import all_finite
 
 __all__ = [
     "split_output",
@@ -108,13 +109,6 @@ def clip_by_total_norm(grads: Vec, max_norm: float) -> Vec:
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return tuple(g * coef for g in grads)
-
-
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host sync)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def nonfinite_error(name: str, step: int, what: str) -> HypergradientError:

@@ -77,7 +77,7 @@ def optimizer_update(
     and applied with the learning rate scaled by ``warmup``.
     """
     for leaf, g in zip(params, grads):
-        g = g.detach() / accumulation
+        g = g.detach() if accumulation == 1 else g.detach() / accumulation  # (x / 1 == x)
         leaf.grad = g if leaf.grad is None else leaf.grad + g
     st.accumulated += 1
     if st.accumulated < accumulation:
