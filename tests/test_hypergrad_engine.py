@@ -31,6 +31,26 @@ def test_cg_matches_implicit_closed_form(quad):
     torch.testing.assert_close(got, q.implicit_hypergradient(phi0), rtol=0, atol=1e-8)
 
 
+def test_cg_with_tol_none_runs_exactly_k_iterations_without_monitoring(quad, monkeypatch):
+    q, phi0, theta_star = quad
+    seen = []
+    import mlopt.hypergrad.methods as m
+
+    real = m.cg
+
+    def spy(matvec, b, **kw):
+        seen.append(kw)
+        return real(matvec, b, **kw)
+
+    monkeypatch.setattr(m, "cg", spy)
+    exact = upper_gradient(q, phi0, theta_star, CG(iterations=5, tol=None))
+    assert seen == [{"iterations": 5, "tol": 0.0, "damping": 0.0, "check": False}]
+    torch.testing.assert_close(exact, q.implicit_hypergradient(phi0), rtol=0, atol=1e-8)
+    # the same iterates as the monitored solver run to the end: bit for bit
+    monitored = upper_gradient(q, phi0, theta_star, CG(iterations=5, tol=0.0))
+    assert torch.equal(exact, monitored)
+
+
 def test_fixed_point_matches_implicit_closed_form(quad):
     q, phi0, theta_star = quad
     got = upper_gradient(q, phi0, theta_star, FixedPoint(iterations=2000, tol=1e-14), lr=0.1)

@@ -67,24 +67,36 @@ class CG(Method):
 
     Args:
         iterations: maximum CG iterations.
-        tol: stop when the residual norm is below ``tol * ||v||``.
+        tol: stop when the residual norm is below ``tol * ||v||``; ``None`` runs exactly
+            ``iterations`` iterations with no host synchronisation (no residual monitoring:
+            only the result is checked for NaN/Inf).
         damping: solve ``(H + damping I) w = v`` (iMAML's proximal term adds it to H).
+
+    Example:
+        >>> CG(iterations=10, tol=None).tol is None  # exactly 10 iterations, sync-free
+        True
     """
 
     iterations: int = 10
-    tol: float = 1e-10
+    tol: float | None = 1e-10
     damping: float = 0.0
 
     name = "cg"
 
     def __post_init__(self) -> None:
         _positive_int("CG", "iterations", self.iterations)
-        _nonneg("CG", "tol", self.tol)
+        if self.tol is not None:
+            _nonneg("CG", "tol", self.tol)
         _nonneg("CG", "damping", self.damping)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
+        exact = self.tol is None
         solve = functools.partial(
-            cg, iterations=self.iterations, tol=self.tol, damping=self.damping
+            cg,
+            iterations=self.iterations,
+            tol=0.0 if exact else self.tol,
+            damping=self.damping,
+            check=not exact,
         )
         return _implicit(ctx, cotangent, solve)
 
