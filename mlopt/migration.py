@@ -50,8 +50,8 @@ BETTY_CONFIG: dict[str, str] = {
     ),
     "darts_multitask": "not supported; remove it",
     "darts_preconditioned": "not supported; remove it",
-    "sama_adam_alpha": "not supported yet (SAMA is planned); use type='finite_difference' or 'cg'",
-    "sama_multitask": "not supported yet (SAMA is planned); remove it",
+    "sama_adam_alpha": "Config(type=SAMA(radius=sama_adam_alpha)) (mlopt.hypergrad)",
+    "sama_multitask": "not supported; remove it (SAMA's single synchronisation is the upper's)",
     "neumann_iterations": "Config(type=Neumann(iterations=K, alpha=a)) (mlopt.hypergrad)",
     "neumann_alpha": "Config(type=Neumann(iterations=K, alpha=a)) (mlopt.hypergrad)",
     "cg_iterations": (

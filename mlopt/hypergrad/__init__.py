@@ -20,6 +20,7 @@ from mlopt.hypergrad.base import (
 from mlopt.hypergrad.first_order import FirstOrder, Reptile, first_order_vjp, reptile_gradient
 from mlopt.hypergrad.methods import CG, FiniteDifference, FixedPoint, Forward, Neumann
 from mlopt.hypergrad.reverse import Reverse, reverse_vjp, unroll
+from mlopt.hypergrad.sama import SAMA, sama_vjp
 
 __all__ = [
     "LowerContext",
@@ -38,6 +39,8 @@ __all__ = [
     "FixedPoint",
     "FiniteDifference",
     "Forward",
+    "SAMA",
+    "sama_vjp",
     "reverse_vjp",
     "unroll",
     "first_order_vjp",

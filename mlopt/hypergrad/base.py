@@ -126,6 +126,8 @@ class Method:
             (reverse mode) instead of calling :meth:`vjp`.
         tracks_dynamics: :meth:`after_step` must be called after each lower update.
         needs_params_before: the lower's parameters before its last update are kept (DARTS).
+        needs_last_gradient: the gradient of the lower's last update is kept, in
+            ``ctx.extra["grad"]`` with its optimizer and parameters (SAMA).
     """
 
     name: ClassVar[str] = ""
@@ -133,6 +135,7 @@ class Method:
     exposes_graph: ClassVar[bool] = False
     tracks_dynamics: ClassVar[bool] = False
     needs_params_before: ClassVar[bool] = False
+    needs_last_gradient: ClassVar[bool] = False
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
         """Map ``v = ∂L_upper/∂θ`` to ``v^T dθ/dφ`` for each tensor of ``ctx.uppers``."""
@@ -267,6 +270,7 @@ def _duck_method(spec: Any) -> Any:
             "exposes_graph",
             "tracks_dynamics",
             "needs_params_before",
+            "needs_last_gradient",
         )
         if not isinstance(getattr(spec, a, False), bool)
     ]

@@ -201,7 +201,12 @@ class Exposure:
             init=init,
             memory=st.memory,
             step=st.steps,
-            extra={"slices": slices},
+            extra={
+                "slices": slices,
+                "optimizer": st.optimizer,
+                "leaves": tuple(st.leaves()),
+                "grad": st.last_grad,
+            },
         )
 
     def transition(self, name: str, params: Vec) -> Transition:

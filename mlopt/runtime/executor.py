@@ -131,6 +131,8 @@ class Runtime(Replay):
         grads = self.gradients(name, batch, params, keep_graph)
         if grads is None:  # skipped (on_nonfinite="skip")
             return schedule.book(self.plan, self.states, name)
+        if pp.keeps_gradient:
+            st.last_grad = tuple(g.detach().clone() for g in grads)
         transition = self.transition(name, params) if pp.tracks else None
         if record is not None:
             st.segment.steps.append(record)

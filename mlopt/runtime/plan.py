@@ -57,6 +57,7 @@ class ProblemPlan:
         init: ``(upper, positions)`` of the meta-initialization, or None.
         tracks: whether the method tracks the dynamics (forward mode) of this problem.
         keeps_before: whether the parameters before each update are kept (DARTS).
+        keeps_gradient: whether each update's gradient is kept (SAMA).
         snapshots: whether window starts are snapshot for roll-back.
         fp16_scaler: whether its optimizer updates use a ``GradScaler``.
         resample_window: one batch per window (the current task) instead of one per update.
@@ -76,6 +77,7 @@ class ProblemPlan:
     init: tuple[str, tuple[int, ...]] | None
     tracks: bool
     keeps_before: bool
+    keeps_gradient: bool
     snapshots: bool
     fp16_scaler: bool
     resample_window: bool
@@ -184,6 +186,7 @@ def _plan_problem(
         init=init,
         tracks=tracks,
         keeps_before=method.needs_params_before and bool(uppers),
+        keeps_gradient=getattr(method, "needs_last_gradient", False) and bool(uppers),
         snapshots=roll_back and bool(uppers) and p.optimizer is not None,
         fp16_scaler=cfg.precision == "fp16" and not differentiable and p.optimizer is not None,
         resample_window=_one_batch_per_window(p),

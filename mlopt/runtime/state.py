@@ -74,6 +74,7 @@ class ProblemState:
         self.opt_state: Any = None
         self.memory: Any = None
         self.before: Vec | None = None
+        self.last_grad: Vec | None = None  # the last update's gradient (SAMA)
         self.window_batches: list = []
         self.snapshot: dict | None = None
         self.segment: Any = None
