@@ -128,12 +128,21 @@ class MetaUpper(mlopt.Problem):
         return 0.5 * r @ r
 
 
-def maml_program(lower_data=None, upper_data=None, **engine_kw) -> list[torch.Tensor]:
-    """MAML (two inner steps, reverse mode) for 4 iterations; returns the meta-gradients."""
+def maml_program(
+    lower_data=None, upper_data=None, accumulation=1, iters=4, **engine_kw
+) -> list[torch.Tensor]:
+    """MAML (two inner steps, reverse mode, second order) with a meta-batch of
+    ``accumulation`` tasks per rank; returns the meta-gradients."""
     g = torch.Generator().manual_seed(7)
     meta, task = Vec(torch.randn(N, generator=g, dtype=F64)), Vec(torch.zeros(N, dtype=F64))
     meta_opt = torch.optim.SGD(meta.parameters(), lr=0.1)
-    upper = MetaUpper("meta", meta, meta_opt, train_data_loader=upper_data or UPPER_DATA)
+    upper = MetaUpper(
+        "meta",
+        meta,
+        meta_opt,
+        train_data_loader=upper_data or UPPER_DATA,
+        config=mlopt.Config(gradient_accumulation=accumulation),
+    )
     lower = TaskLower(
         "task",
         task,
@@ -145,7 +154,7 @@ def maml_program(lower_data=None, upper_data=None, **engine_kw) -> list[torch.Te
     mlopt.Engine(
         [upper, lower],
         {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
-        mlopt.EngineConfig(train_iters=4, **engine_kw),
+        mlopt.EngineConfig(train_iters=iters, **engine_kw),
     ).run()
     return [gr[0] for gr in grads]
 
@@ -214,6 +223,8 @@ def main(out: str) -> None:
 
     # 1c. MAML: a meta-initialized lower adapts to its own rank's task (local inner loop)
     result["maml_meta_grads"] = maml_program(strategy="ddp")
+    # 1d. task-parallel meta-batch: 4 tasks, 2 per rank, one all-reduce per meta-update
+    result["maml_meta_batch"] = maml_program(accumulation=2, iters=4, strategy="ddp")
 
     # 2. a non-differentiable lower (first-order): lower and upper optimizer steps both averaged
     engine, up, low, up_grads, low_grads = build_program(

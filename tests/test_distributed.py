@@ -139,6 +139,17 @@ def test_maml_inner_loops_stay_local_to_each_rank(ranks):
         assert torch.equal(a, b)
 
 
+def test_task_parallel_meta_batch_equals_the_single_process_meta_gradient(ranks):
+    # second-order MAML, a meta-batch of 4 tasks sharded 2 per rank (gradient_accumulation=2
+    # on each rank): the one all-reduced meta-gradient equals one process's over the 4 tasks
+    single = W.maml_program(accumulation=4, iters=8, strategy="cpu")
+    assert len(single) == 1
+    for r in ranks:
+        assert len(r["maml_meta_batch"]) == 1
+        torch.testing.assert_close(r["maml_meta_batch"][0], single[0], rtol=1e-10, atol=1e-12)
+    assert torch.equal(ranks[0]["maml_meta_batch"][0], ranks[1]["maml_meta_batch"][0])
+
+
 def test_first_order_lower_gradient_averaged_and_ranks_identical(ranks):
     refs = []
     for r in (0, 1):
