@@ -342,10 +342,11 @@ def main(argv=None) -> list[str]:
                 )
     table = "\n".join(lines)
     print(table)
-    return lines
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
+        print(f"table written to {args.out}", file=sys.stderr)
+    return lines
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import pickle
 import struct
+import sys
+import types
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,11 +269,98 @@ def test_omniglot_missing_data_and_download_errors(tmp_path):
         load_omniglot(tmp_path, "train")
     with pytest.raises(ConfigError, match="download=True supports"):
         load_omniglot(tmp_path, "background_small1", download=True)
+
+
+def _fake_torchvision(monkeypatch, omniglot_class):
+    """Put a stand-in ``torchvision.datasets`` (with ``Omniglot = omniglot_class``) in place."""
+    torchvision, datasets = (
+        types.ModuleType("torchvision"),
+        types.ModuleType("torchvision.datasets"),
+    )
+    datasets.Omniglot, torchvision.datasets = omniglot_class, datasets
+    monkeypatch.setitem(sys.modules, "torchvision", torchvision)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+
+
+def test_omniglot_download_through_torchvision(monkeypatch, tmp_path):
+    calls = []
+
+    class Omniglot:  # writes what torchvision's Omniglot(download=True) leaves on disk
+        def __init__(self, root, background=True, download=False):
+            calls.append((root, background, download))
+            folder = "images_background" if background else "images_evaluation"
+            base = Path(root) / "omniglot-py"
+            base.mkdir(parents=True, exist_ok=True)
+            alphabets = ("Alphabet_of_the_Magi", "Latin") if background else ("Atlantean",)
+            with zipfile.ZipFile(base / f"{folder}.zip", "w") as archive:
+                for a, c, k in itertools.product(alphabets, (1, 2), (1, 2, 3)):
+                    png = io.BytesIO()
+                    Image.new("L", (105, 105), 255 if k % 2 else 0).save(png, "PNG")
+                    archive.writestr(
+                        f"{folder}/{a}/character{c:02d}/{c}_{k:02d}.png", png.getvalue()
+                    )
+            with zipfile.ZipFile(base / f"{folder}.zip") as archive:
+                archive.extractall(base)
+
+    _fake_torchvision(monkeypatch, Omniglot)
+    root = tmp_path / "new" / "omniglot"  # created by the download
+    bg = load_omniglot(root, "background", download=True)
+    assert calls == [(str(root), True, True)]
+    assert (root / "omniglot-py" / "images_background" / "Latin" / "character02").is_dir()
+    assert bg.num_classes == 4 and len(bg) == 12 and bg.images.shape == (12, 1, 28, 28)
+    assert bg.alphabets == ["Alphabet_of_the_Magi", "Latin"]
+    assert bg.files[0] == "Alphabet_of_the_Magi/character01/1_01.png"  # read from the folder
+    ev = load_omniglot(root, "evaluation", download=True)
+    assert calls[-1] == (str(root), False, True) and ev.characters[0] == (
+        "Atlantean",
+        "character01",
+    )
+    again = load_omniglot(root, "background", download=True)  # found on disk: no new download
+    assert len(calls) == 2 and torch.equal(again.images, bg.images)
+
+
+def test_omniglot_download_errors(monkeypatch, tmp_path):
+    import urllib.error
+
+    class Offline:
+        def __init__(self, root, background=True, download=False):
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    _fake_torchvision(monkeypatch, Offline)
+    with pytest.raises(ConnectionError, match=r"images_evaluation\.zip.*network.*Name or service"):
+        load_omniglot(tmp_path, "evaluation", download=True)
+
+    class Corrupt:
+        def __init__(self, root, background=True, download=False):
+            raise RuntimeError("File not found or corrupted.")
+
+    _fake_torchvision(monkeypatch, Corrupt)
+    with pytest.raises(RuntimeError, match="could not fetch images_background.zip.*corrupted"):
+        load_omniglot(tmp_path, "background", download=True)
+
+    class Nothing:  # "succeeds" without writing the split
+        def __init__(self, root, background=True, download=False):
+            pass
+
+    _fake_torchvision(monkeypatch, Nothing)
+    with pytest.raises(FileNotFoundError, match="download left no images_background"):
+        load_omniglot(tmp_path, "background", download=True)
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed: import fails
+    monkeypatch.delitem(sys.modules, "torchvision.datasets")
+    with pytest.raises(ImportError, match=r"mlopt\[vision\]"):
+        load_omniglot(tmp_path, "background", download=True)
+
+
+def test_torchvision_omniglot_layout_matches_loader():
+    """Where torchvision imports, its Omniglot class still writes what load_omniglot reads."""
     try:
-        import torchvision.datasets  # noqa: F401
-    except Exception:
-        with pytest.raises(ImportError, match=r"mlopt\[vision\]"):
-            load_omniglot(tmp_path, "background", download=True)
+        from torchvision.datasets import Omniglot
+    except Exception as err:  # absent, or beside the CPU torch build (see ENVIRONMENT notes)
+        pytest.skip(f"torchvision not importable: {err}")
+    assert Omniglot.folder == "omniglot-py"
+    assert set(Omniglot.zips_md5) == {"images_background", "images_evaluation"}
+    assert "brendenlake/omniglot" in Omniglot.download_url_prefix
 
 
 def test_one_shot_runs_answer_mapping(omniglot_root, runs):

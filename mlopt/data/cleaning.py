@@ -158,7 +158,8 @@ def load_digits_cleaning(
         from sklearn.datasets import load_digits
     except ImportError as err:
         raise ImportError(
-            "load_digits_cleaning needs scikit-learn: pip install scikit-learn"
+            "load_digits_cleaning needs scikit-learn: pip install scikit-learn (mlopt's "
+            "'examples' extra, e.g. pip install -e '.[examples]' in a checkout)"
         ) from err
     bunch = load_digits()
     x = torch.as_tensor(bunch.data / 16.0, dtype=dtype)

@@ -9,10 +9,23 @@ through probabilistic program induction", Science 350(6266), define 20 official 
 runs (``all_runs.zip``), loaded by :func:`load_one_shot_runs` and scored by
 :func:`one_shot_error`. Pillow reads the images; torchvision is only used for ``download=True``.
 
+Source: the authors' repository https://github.com/brendenlake/omniglot (MIT licence), folder
+``python/``: ``images_background.zip`` (30 alphabets, 964 characters) and
+``images_evaluation.zip`` (20 alphabets, 659 characters), the standard splits;
+``images_background_small1.zip`` / ``images_background_small2.zip``, the minimal splits; and
+``one-shot-classification/all_runs.zip``. ``load_omniglot(root, "background" | "evaluation",
+download=True)`` fetches the standard splits through ``torchvision.datasets.Omniglot`` (install
+``mlopt[vision]``), which puts them in ``root/omniglot-py/``; the minimal splits and the one-shot
+runs are read from a folder holding the zips (this project keeps them in
+``../shared/data/omniglot``).
+
 Example:
     >>> ds = load_omniglot("omniglot", "background_small1")  # doctest: +SKIP
     >>> ds.images.shape, ds.num_classes, ds.characters[0]  # doctest: +SKIP
     (torch.Size([2720, 1, 28, 28]), 136, ('Balinese', 'character01'))
+    >>> full = load_omniglot("~/data", "evaluation", download=True)  # doctest: +SKIP
+    >>> full.num_classes  # doctest: +SKIP
+    659
 """
 
 from __future__ import annotations
@@ -157,11 +170,17 @@ def _locate(root: Path, folder: str) -> Path | None:
     return root if root.name == folder and root.is_dir() else None
 
 
+# where torchvision's Omniglot fetches the standard splits (github.com/brendenlake/omniglot)
+_SOURCE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+
+
 def _download(root: Path, split: str) -> None:
+    """Fetch ``images_{split}.zip`` with torchvision into ``root/omniglot-py/`` and extract it."""
     if split not in ("background", "evaluation"):
         raise ConfigError(
             f"load_omniglot: download=True supports 'background' and 'evaluation' only (the "
-            f"splits torchvision serves), not {split!r}; pass a folder holding images_{split}.zip"
+            f"splits torchvision serves), not {split!r}; pass a folder holding images_{split}.zip "
+            f"(from {_SOURCE_URL}/images_{split}.zip)"
         )
     try:
         from torchvision.datasets import Omniglot
@@ -169,9 +188,23 @@ def _download(root: Path, split: str) -> None:
         raise ImportError(
             "load_omniglot(download=True) needs torchvision: pip install 'mlopt[vision]', or "
             "pass root= a folder holding images_background.zip / images_evaluation.zip "
-            f"(or their extracted folders); importing torchvision failed with: {err}"
+            f"(or their extracted folders, from {_SOURCE_URL}); importing torchvision failed "
+            f"with: {err}"
         ) from err
-    Omniglot(str(root), background=split == "background", download=True)
+    url = f"{getattr(Omniglot, 'download_url_prefix', _SOURCE_URL)}/images_{split}.zip"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        Omniglot(str(root), background=split == "background", download=True)
+    except Exception as err:  # URLError/socket errors offline, or a bad checksum (RuntimeError)
+        offline = isinstance(err, OSError)  # urllib.error.URLError, TimeoutError, socket errors
+        kind = ConnectionError if offline else RuntimeError
+        raise kind(
+            f"load_omniglot(download=True): torchvision could not fetch images_{split}.zip "
+            f"from {url} into {root / 'omniglot-py'}"
+            + (" (is the network reachable?)" if offline else "")
+            + f": {type(err).__name__}: {err}. Without a network, download the zip elsewhere "
+            "and pass root= the folder holding it"
+        ) from err
 
 
 def load_omniglot(
@@ -193,7 +226,11 @@ def load_omniglot(
         image_size: side of the resized square images; ``None`` keeps 105x105.
         invert: make strokes 1 and background 0.
         cache_dir: when reading a zip, extract it here once and read the folder afterwards.
-        download: fetch the split with torchvision when it is not found under ``root``.
+        download: when the split is not found under ``root``, fetch it (``background`` or
+            ``evaluation`` only) from github.com/brendenlake/omniglot with
+            ``torchvision.datasets.Omniglot(root, background=..., download=True)``, which
+            writes and extracts ``root/omniglot-py/images_{split}.zip``; needs torchvision
+            (``mlopt[vision]``, else ImportError) and a network (else ConnectionError).
         dtype: floating dtype of the images.
 
     Classes are ordered by (alphabet, character) name; labels index ``characters``.
@@ -209,6 +246,11 @@ def load_omniglot(
     if source is None and download:
         _download(root, split)
         source = _locate(root, folder)
+        if source is None:
+            raise FileNotFoundError(
+                f"load_omniglot: torchvision's download left no {folder}/ or {folder}.zip under "
+                f"{root}/omniglot-py"
+            )
     if source is None:
         raise FileNotFoundError(
             f"load_omniglot: no {folder}/ or {folder}.zip under {root} (nor {root}/omniglot-py); "
