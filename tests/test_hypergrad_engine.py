@@ -317,3 +317,54 @@ def test_bad_method_options():
     with pytest.raises(mlopt.ConfigError, match="FiniteDifference: epsilon"):
         FiniteDifference(epsilon=-1)
     _ = nn
+
+
+def _three_windows(method, optimizer, lower_loss=None):
+    """Upper gradients of 3 windows of 2 updates (the optimizer state carries over windows)."""
+    q = QuadraticBilevel.random(n=5, m=3, seed=3, cond=8.0)
+    g = torch.Generator().manual_seed(0)
+    low = Vector(torch.randn(5, dtype=F64, generator=g))
+    up = Vector(torch.randn(3, dtype=F64, generator=g))
+
+    class Lower(mlopt.Problem):
+        def training_step(self, batch):
+            theta, phi = self.module.weight, self.upper.module.weight
+            return (lower_loss or q.lower_loss)(theta, phi)
+
+    class Upper(mlopt.Problem):
+        def training_step(self, batch):
+            return q.upper_loss(self.lower(), self.module())
+
+    cfg = mlopt.Config(type=method, unroll_steps=2)
+    lower = Lower("lower", low, optimizer(low.parameters()), config=cfg)
+    up_opt = torch.optim.SGD(up.parameters(), lr=0.3)
+    upper = Upper("upper", up, up_opt)
+    grads = capture_gradients(up_opt)
+    mlopt.Engine(
+        [upper, lower],
+        {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+        mlopt.EngineConfig(train_iters=6),
+    ).run()
+    return [gr[0] for gr in grads]
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=0.05),
+    ],
+    ids=["momentum", "adam"],
+)
+@pytest.mark.parametrize("quadratic", [True, False], ids=["quadratic", "cubic"])
+def test_forward_equals_reverse_across_windows_with_optimizer_state(optimizer, quadratic):
+    """Forward mode once committed a stale copy of the optimizer's state at each window end
+    (momentum and Adam moments reset to the window start), and took its tangent step at the
+    updated parameters (wrong unless the lower loss is quadratic); both regressions."""
+    q = QuadraticBilevel.random(n=5, m=3, seed=3, cond=8.0)
+    loss = None if quadratic else (lambda th, ph: q.lower_loss(th, ph) + 0.1 * (th**3).sum())
+    fwd = _three_windows(Forward(), optimizer, loss)
+    rev = _three_windows(Reverse(), optimizer, loss)
+    assert len(fwd) == len(rev) == 3
+    for a, b in zip(fwd, rev):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

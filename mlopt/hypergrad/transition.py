@@ -88,7 +88,9 @@ def transition_map(
     filled = [
         {k: st.get(k, torch.zeros_like(t)) for k in ks} for st, ks, t in zip(current, keys, params)
     ]
-    state = tuple(t.detach() for t in params) + tuple(
+    # copies: the optimizer then updates the parameters in place, and the tangent step must be
+    # taken at the point before the update
+    state = tuple(t.detach().clone() for t in params) + tuple(
         v.detach() for v in flatten_state(keys, filled)
     )
     return Transition(

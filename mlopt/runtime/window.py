@@ -45,7 +45,7 @@ def end_window(plan: Plan, states: Mapping[str, ProblemState], name: str) -> Non
         # a fresh copy: the leaf may already feed other graphs (e.g. an upper's fast weights
         # that depend on the previous window), and it is overwritten in place on commit
         st.set_fast(tuple(t.detach().clone().requires_grad_() for t in st.leaves()))
-    if pp.dopt is not None:
+    if pp.dopt is not None and pp.differentiable:  # (forward mode steps its optimizer itself)
         st.opt_state = pp.dopt.init_state(fresh=pp.init is not None)
 
 
