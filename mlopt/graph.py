@@ -188,7 +188,7 @@ class Scheduler:
         self.ready = {(u, low): False for u in graph.names for low in graph.lowers(u)}
 
     def should_step(self, name: str) -> bool:
-        """Whether ``name`` steps now (call in :attr:`order` within an iteration)."""
+        """Whether ``name`` steps now (call in ``self.order`` within an iteration)."""
         lows = self.graph.lowers(name)
         return not lows or all(self.ready[(name, low)] for low in lows)
 

@@ -118,7 +118,7 @@ class Transition:
 class Method:
     """Base class of hypergradient methods. Subclass and override :meth:`vjp`.
 
-    Class attributes:
+    Attributes:
         name: registry name (``Config(type=name)``).
         differentiable_unroll: the lower's updates must be differentiable (reverse mode): its
             optimizer runs through ``mlopt.optim`` and the graph is kept through the window.

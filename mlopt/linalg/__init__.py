@@ -11,10 +11,11 @@ Example:
     >>> solve(lambda v: (4.0 * v[0],), (torch.ones(2),))
     (tensor([0.2500, 0.2500]),)
 
-Solvers:
-    :func:`cg`: conjugate gradient for symmetric positive definite systems (HOAG, iMAML).
-    :func:`neumann`: truncated Neumann series (Lorraine et al. 2020).
-    :func:`fixed_point`: ``x = J x + b`` by iteration (Grazzi et al. 2020).
+The solvers:
+
+- :func:`cg`: conjugate gradient for symmetric positive definite systems (HOAG, iMAML);
+- :func:`neumann`: truncated Neumann series (Lorraine et al. 2020);
+- :func:`fixed_point`: ``x = J x + b`` by iteration (Grazzi et al. 2020).
 
 All raise :class:`mlopt.HypergradientError` on NaN/Inf iterates or divergence, and return a
 :class:`SolverInfo` as well with ``return_info=True``.

@@ -143,8 +143,10 @@ class MTNet(nn.Module):
         init_logit: initial ``ζ`` (sigmoid(ζ) is the probability that a unit adapts).
 
     Attributes:
-        model, transforms (one 1x1 convolution per block and a linear map after the head, all
-        identity at start), mask_logits (one vector per layer, over its output units).
+        model: the meta-initialization of the task network.
+        transforms: one 1x1 convolution per block and a linear map after the head, all identity
+            at start.
+        mask_logits: one vector per layer, over its output units.
 
     Example:
         >>> mt = MTNet(Conv4(1, 5, hidden=8), init_logit=20.0)

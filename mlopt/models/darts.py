@@ -265,6 +265,7 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(c_p, num_classes)
 
     def forward(self, x: Tensor, alphas_normal: Tensor, alphas_reduce: Tensor) -> Tensor:
+        """Logits of ``x`` with the architecture weights (softmax over each row's operations)."""
         w_normal = F.softmax(alphas_normal, dim=-1)
         w_reduce = F.softmax(alphas_reduce, dim=-1)
         s0 = s1 = self.stem(x)
