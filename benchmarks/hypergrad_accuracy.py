@@ -9,7 +9,7 @@ Two problems, float64, through the public Problem/Engine API:
 
 Implicit methods (cg, neumann, fixed_point) start the lower at the solution and vary their solver
 iterations; unrolled methods (reverse, truncated and checkpointed reverse, forward, first_order,
-finite_difference) start from a fixed initial point and vary the unroll length T (lr = 1/L).
+finite_difference, sama) start from a fixed initial point and vary the unroll length T (lr = 1/L).
 For each: relative error and cosine to the exact hypergradient, median wall time of one
 hypergradient (one upper step, lower updates included), and peak tensor memory (CUDA: max
 allocated; CPU: the running sum of the profiler's allocation events). When betty-ml is
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import mlopt
-from mlopt.hypergrad import CG, FiniteDifference, FixedPoint, Forward, Neumann, Reverse
+from mlopt.hypergrad import CG, SAMA, FiniteDifference, FixedPoint, Forward, Neumann, Reverse
 from mlopt.testing import RidgeHPO, capture_gradients
 
 F64 = torch.float64
@@ -312,6 +312,7 @@ def main(argv=None) -> list[str]:
             "1 from w*",
             functools.partial(run, FiniteDifference(0.01), w_star, lr, 1),
         )
+        add("sama", "1 from w*", functools.partial(run, SAMA(), w_star, lr, 1))
         add("first_order", "1 from w*", functools.partial(run, "first_order", w_star, lr, 1))
         if name == "ridge":
             try:

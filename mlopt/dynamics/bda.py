@@ -22,9 +22,8 @@ learning rate. ``d_k`` is the gradient with respect to ``y`` of the scalar objec
 ``α_k = α[k-1] · factor_k``); tensors may be upper parameters, so ``α``, ``s`` and ``t`` can be
 learned by the hypergradient.
 
-Note: BOML (``boml/lower_iter/aggr.py``) puts ``α/k`` on the LOWER gradient and ``1 - α/k`` on the
-upper one, the reverse of the paper's convention used here; BOML's ``α`` corresponds to
-``1 - α_k`` here.
+BOML (``boml/lower_iter/aggr.py``) uses the same convention: ``(1 - α/k)·t·∇f + (α/k)·s·∇F``,
+i.e. ``schedule="harmonic"``.
 
 Example:
     >>> import torch
