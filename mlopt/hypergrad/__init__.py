@@ -18,7 +18,7 @@ from mlopt.hypergrad.base import (
     resolve_method,
 )
 from mlopt.hypergrad.first_order import FirstOrder, Reptile, first_order_vjp, reptile_gradient
-from mlopt.hypergrad.methods import CG, FiniteDifference, FixedPoint, Forward, Neumann
+from mlopt.hypergrad.methods import CG, MINRES, FiniteDifference, FixedPoint, Forward, Neumann
 from mlopt.hypergrad.reverse import Reverse, reverse_vjp, unroll
 from mlopt.hypergrad.sama import SAMA, sama_vjp
 
@@ -35,6 +35,7 @@ __all__ = [
     "FirstOrder",
     "Reptile",
     "CG",
+    "MINRES",
     "Neumann",
     "FixedPoint",
     "FiniteDifference",

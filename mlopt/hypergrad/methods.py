@@ -32,9 +32,9 @@ from mlopt.hypergrad.base import (
 from mlopt.hypergrad.finite_difference import darts_vjp
 from mlopt.hypergrad.forward import forward_unroll, forward_vjp
 from mlopt.hypergrad.implicit import fixed_point_vjp, implicit_vjp
-from mlopt.linalg import cg, neumann
+from mlopt.linalg import cg, minres, neumann
 
-__all__ = ["CG", "Neumann", "FixedPoint", "FiniteDifference", "Forward"]
+__all__ = ["CG", "MINRES", "Neumann", "FixedPoint", "FiniteDifference", "Forward"]
 
 
 def _positive_int(owner: str, name: str, value: Any) -> None:
@@ -93,6 +93,46 @@ class CG(Method):
         exact = self.tol is None
         solve = functools.partial(
             cg,
+            iterations=self.iterations,
+            tol=0.0 if exact else self.tol,
+            damping=self.damping,
+            check=not exact,
+        )
+        return _implicit(ctx, cotangent, solve)
+
+
+@dataclass(repr=False)
+class MINRES(Method):
+    """Implicit differentiation, ``(H + damping I) w = v`` solved by MINRES (Paige and Saunders
+    1975): well posed when ``H`` is indefinite (a non-convex lower loss), where CG is not.
+
+    Args:
+        iterations: maximum MINRES iterations.
+        tol: stop when the residual norm is below ``tol * ||v||``; ``None`` runs exactly
+            ``iterations`` iterations with no host synchronisation.
+        damping: solve ``(H + damping I) w = v``.
+
+    Example:
+        >>> MINRES(iterations=20, damping=2.0).name
+        'minres'
+    """
+
+    iterations: int = 10
+    tol: float | None = 1e-10
+    damping: float = 0.0
+
+    name = "minres"
+
+    def __post_init__(self) -> None:
+        _positive_int("MINRES", "iterations", self.iterations)
+        if self.tol is not None:
+            _nonneg("MINRES", "tol", self.tol)
+        _nonneg("MINRES", "damping", self.damping)
+
+    def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
+        exact = self.tol is None
+        solve = functools.partial(
+            minres,
             iterations=self.iterations,
             tol=0.0 if exact else self.tol,
             damping=self.damping,
@@ -218,6 +258,7 @@ class Forward(Method):
 
 
 register_method("cg", CG)
+register_method("minres", MINRES)
 register_method("neumann", Neumann)
 register_method("fixed_point", FixedPoint)
 register_method("finite_difference", FiniteDifference)

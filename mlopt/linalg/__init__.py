@@ -14,6 +14,7 @@ Example:
 The solvers:
 
 - :func:`cg`: conjugate gradient for symmetric positive definite systems (HOAG, iMAML);
+- :func:`minres`: MINRES for symmetric indefinite systems (a non-convex lower's Hessian);
 - :func:`neumann`: truncated Neumann series (Lorraine et al. 2020);
 - :func:`fixed_point`: ``x = J x + b`` by iteration (Grazzi et al. 2020).
 
@@ -25,7 +26,17 @@ from mlopt.linalg import vec
 from mlopt.linalg._monitor import DIVERGENCE_FACTOR, SolverInfo
 from mlopt.linalg.cg import cg
 from mlopt.linalg.fixed_point import fixed_point
+from mlopt.linalg.minres import minres
 from mlopt.linalg.neumann import neumann
 from mlopt.linalg.vec import Vec
 
-__all__ = ["cg", "neumann", "fixed_point", "SolverInfo", "DIVERGENCE_FACTOR", "Vec", "vec"]
+__all__ = [
+    "cg",
+    "minres",
+    "neumann",
+    "fixed_point",
+    "SolverInfo",
+    "DIVERGENCE_FACTOR",
+    "Vec",
+    "vec",
+]
