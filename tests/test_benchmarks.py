@@ -16,3 +16,18 @@ def test_hypergrad_accuracy_smoke(tmp_path):
     assert {r.split("|")[3].strip() for r in rows} >= {"cg", "neumann", "reverse", "forward"}
     cg = next(r for r in rows if r.split("|")[3].strip() == "cg")
     assert float(cg.split("|")[5]) < 1.0  # a relative error was computed
+
+
+def test_engine_overhead_smoke(tmp_path):
+    import engine_overhead
+
+    out = tmp_path / "overhead.json"
+    results = engine_overhead.main(
+        ["--smoke", "--units", "1", "--processes", "1", "--out", str(out)]
+    )
+    assert set(results["workloads"]) == {"rhg-2", "hpo-cg"}
+    for row in results["workloads"].values():
+        # the same computation: the first hypergradients agree (float32 rounding at most)
+        assert row["first_hypergradient_max_rel_diff"] < 1e-5
+        assert row["units_per_process"] == 1 and row["ratio"] > 0
+    assert out.exists()

@@ -1,0 +1,271 @@
+"""Engine overhead: mlopt's Engine against plain PyTorch (``torch.func.functional_call``) on the
+same computation, same inputs, identical gradients; CPU, one thread, float32.
+
+Workloads (one unit = one upper update, its lower updates included):
+
+* ``rhg-T``: reverse-mode hypergradient of 128 per-example loss weights through ``T`` SGD steps of
+  a 784-256-10 MLP (Franceschi et al. 2017's data reweighting shape);
+* ``hpo-cg``: per-feature log weight decay of a logistic regression (784 features), 100 inner SGD
+  steps, then the implicit hypergradient by CG with exactly 10 iterations (``CG(10, tol=None)``).
+
+Each implementation runs in its own process (``--worker``), warms up, and reports the median
+time of ``--units`` units; the table gives the median over ``--processes`` processes and the
+ratio to the plain implementation. Before timing, the first hypergradient of both is compared.
+
+Run::
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --out docs/results/engine_overhead.json
+    python benchmarks/engine_overhead.py --smoke      # seconds, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import mlopt
+from mlopt.hypergrad import CG
+from mlopt.linalg import cg
+from mlopt.testing import capture_gradients
+
+__all__ = ["WORKLOADS", "main"]
+
+
+def _data(n: int, d: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _mlp(d: int, hidden: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+# ---------------------------------------------------------------------- RHG data reweighting
+def rhg_plain(T: int, d: int = 784, hidden: int = 256):
+    """Plain PyTorch: returns ``unit() -> hypergradient`` (one upper SGD step per call)."""
+    net = _mlp(d, hidden)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    weights = torch.zeros(128, requires_grad=True)
+    (xt, yt), (xv, yv) = _data(128, d, 10, 1), _data(128, d, 10, 2)
+
+    def unit() -> torch.Tensor:
+        nonlocal params
+        fast = params
+        for _ in range(T):
+            losses = F.cross_entropy(functional_call(net, fast, (xt,)), yt, reduction="none")
+            loss = (torch.sigmoid(weights) * losses).mean()
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {k: p - 0.1 * g for (k, p), g in zip(fast.items(), grads)}
+        val = F.cross_entropy(functional_call(net, fast, (xv,)), yv)
+        (hyper,) = torch.autograd.grad(val, weights)
+        with torch.no_grad():
+            weights.sub_(1.0 * hyper)
+        params = {k: v.detach().requires_grad_() for k, v in fast.items()}
+        return hyper
+
+    return unit
+
+
+def rhg_mlopt(T: int, d: int = 784, hidden: int = 256):
+    net = _mlp(d, hidden)
+    hyper = nn.Module()
+    hyper.weights = nn.Parameter(torch.zeros(128))
+    (xt, yt), (xv, yv) = _data(128, d, 10, 1), _data(128, d, 10, 2)
+
+    class Fit(mlopt.Problem):
+        def training_step(self, batch):
+            losses = F.cross_entropy(self(xt), yt, reduction="none")
+            return (torch.sigmoid(self.reweight.module.weights) * losses).mean()
+
+    class Reweight(mlopt.Problem):
+        def training_step(self, batch):
+            return F.cross_entropy(self.fit(xv), yv)
+
+    fit = Fit(
+        "fit",
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        config=mlopt.Config(type="reverse", unroll_steps=T),
+    )
+    up_opt = torch.optim.SGD(hyper.parameters(), lr=1.0)
+    up = Reweight("reweight", hyper, up_opt)
+    seen = capture_gradients(up_opt)
+    engine = mlopt.Engine(
+        [up, fit],
+        {"u2l": {up: [fit]}, "l2u": {fit: [up]}},
+        mlopt.EngineConfig(train_iters=10**9, progress=False),
+    )
+
+    def unit() -> torch.Tensor:
+        for _ in range(T):
+            engine.step()
+        return seen[-1][0]
+
+    return unit
+
+
+# ---------------------------------------------------------------------- implicit HPO
+def _hpo_data(d: int = 784):
+    (xt, yt), (xv, yv) = _data(256, d, 2, 3), _data(256, d, 2, 4)
+    return xt, yt.float(), xv, yv.float()
+
+
+def hpo_plain(inner: int = 100, d: int = 784):
+    xt, yt, xv, yv = _hpo_data(d)
+    w = torch.zeros(d, requires_grad=True)
+    log_decay = torch.full((d,), -3.0, requires_grad=True)
+
+    def lower(w_, lam):
+        logits = xt @ w_
+        return F.binary_cross_entropy_with_logits(logits, yt) + 0.5 * (lam.exp() * w_ * w_).sum()
+
+    def unit() -> torch.Tensor:
+        nonlocal w
+        for _ in range(inner):
+            (g,) = torch.autograd.grad(lower(w, log_decay.detach()), w)
+            with torch.no_grad():
+                w = (w - 0.5 * g).requires_grad_()
+        v = torch.autograd.grad(F.binary_cross_entropy_with_logits(xv @ w, yv), w)
+        (gw,) = torch.autograd.grad(lower(w, log_decay), w, create_graph=True)
+
+        def hvp(p):
+            return torch.autograd.grad(gw, w, p, retain_graph=True)
+
+        (x,) = cg(hvp, v, iterations=10, tol=0.0, check=False)
+        (hyper,) = torch.autograd.grad(gw, log_decay, -x)
+        with torch.no_grad():
+            log_decay.sub_(0.1 * hyper)
+        return hyper
+
+    return unit
+
+
+def hpo_mlopt(inner: int = 100, d: int = 784):
+    xt, yt, xv, yv = _hpo_data(d)
+    low_mod, up_mod = nn.Module(), nn.Module()
+    low_mod.w = nn.Parameter(torch.zeros(d))
+    up_mod.log_decay = nn.Parameter(torch.full((d,), -3.0))
+
+    class Lower(mlopt.Problem):
+        def training_step(self, batch):
+            w, lam = self.module.w, self.upper.module.log_decay
+            logits = xt @ w
+            return F.binary_cross_entropy_with_logits(logits, yt) + 0.5 * (lam.exp() * w * w).sum()
+
+    class Upper(mlopt.Problem):
+        def training_step(self, batch):
+            return F.binary_cross_entropy_with_logits(xv @ self.lower.module.w, yv)
+
+    lower = Lower(
+        "lower",
+        low_mod,
+        torch.optim.SGD(low_mod.parameters(), lr=0.5),
+        config=mlopt.Config(type=CG(iterations=10, tol=None), unroll_steps=inner),
+    )
+    up_opt = torch.optim.SGD(up_mod.parameters(), lr=0.1)
+    upper = Upper("upper", up_mod, up_opt)
+    seen = capture_gradients(up_opt)
+    engine = mlopt.Engine(
+        [upper, lower],
+        {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+        mlopt.EngineConfig(train_iters=10**9, progress=False),
+    )
+
+    def unit() -> torch.Tensor:
+        for _ in range(inner):
+            engine.step()
+        return seen[-1][0]
+
+    return unit
+
+
+WORKLOADS = {
+    "rhg-10": (lambda: rhg_plain(10), lambda: rhg_mlopt(10)),
+    "rhg-50": (lambda: rhg_plain(50), lambda: rhg_mlopt(50)),
+    "hpo-cg": (hpo_plain, hpo_mlopt),
+}
+SMOKE = {
+    "rhg-2": (lambda: rhg_plain(2, d=20, hidden=8), lambda: rhg_mlopt(2, d=20, hidden=8)),
+    "hpo-cg": (lambda: hpo_plain(5, d=20), lambda: hpo_mlopt(5, d=20)),
+}
+
+
+def worker(name: str, impl: str, units: int, smoke: bool) -> dict:
+    torch.set_num_threads(1)
+    plain, engine = (SMOKE if smoke else WORKLOADS)[name]
+    unit = (plain if impl == "plain" else engine)()
+    first = unit()
+    for _ in range(1 if smoke else 2):  # warm-up
+        unit()
+    times = []
+    for _ in range(units):
+        t0 = time.perf_counter()
+        unit()
+        times.append(time.perf_counter() - t0)
+    return {"first": first.tolist(), "median_s": statistics.median(times), "units": units}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--units", type=int, default=5, help="timed upper updates per process")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.units, args.smoke)))
+        return {}
+    table = SMOKE if args.smoke else WORKLOADS
+    names = args.only or list(table)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    results: dict = {"torch": torch.__version__, "threads": 1, "workloads": {}}
+    for name in names:
+        row = {}
+        for impl in ("plain", "mlopt"):
+            runs = []
+            for _ in range(args.processes):
+                cmd = [sys.executable, __file__, "--worker", name, impl, "--units", str(args.units)]
+                out = subprocess.run(
+                    cmd + (["--smoke"] if args.smoke else []),
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            row[impl] = {
+                "median_s": statistics.median(r["median_s"] for r in runs),
+                "per_process_s": [r["median_s"] for r in runs],
+                "first": runs[0]["first"],
+            }
+        a, b = torch.tensor(row["plain"]["first"]), torch.tensor(row["mlopt"]["first"])
+        row["first_hypergradient_max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
+        row["ratio"] = row["mlopt"]["median_s"] / row["plain"]["median_s"]
+        row["units_per_process"] = args.units
+        results["workloads"][name] = row
+        print(
+            f"{name}: plain {row['plain']['median_s'] * 1e3:.1f} ms, mlopt "
+            f"{row['mlopt']['median_s'] * 1e3:.1f} ms, ratio {row['ratio']:.3f}, first "
+            f"hypergradient rel. diff {row['first_hypergradient_max_rel_diff']:.1e}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
