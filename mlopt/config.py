@@ -130,8 +130,9 @@ class Config(_ReadOnlyOnceCompiled):
         resample: ``"step"`` draws a new batch for every update; ``"window"`` draws one batch per
             unroll window and reuses it (one task per window, as in MAML). Default: ``"window"``
             for a per-task problem, detected when the Engine is built: ``initialize_from`` is
-            set, the problem overrides ``on_inner_loop_start`` (it restarts each window), or
-            its loader is an ``mlopt.data.EpisodicSampler`` (it yields tasks); else ``"step"``.
+            set, its loader is an ``mlopt.data.EpisodicSampler`` (it yields tasks), or its
+            ``on_inner_loop_start`` changes its parameters (it restarts each window: checked
+            when the first window starts, before any batch); else ``"step"``.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` autocast for ``training_step``.
         gradient_accumulation: number of gradient computations summed (averaged) per optimizer
             update (a meta-batch of tasks for an upper problem).

@@ -609,33 +609,39 @@ def test_resample_window_draws_one_batch_per_window(resample, expected):
     assert lower.batch is XS[expected[-1]]
 
 
-def test_per_task_programs_draw_one_batch_per_window_by_default():
-    # a lower that restarts each window in on_inner_loop_start is a per-task program
-    class Restarting(QLower):
-        def on_inner_loop_start(self):
-            pass
-
-    engine, upper, lower, _ = bilevel(unroll=3, iters=6, lower_data=XS)
-    assert not engine.plan.problems["lower"].resample_window  # a persistent lower: per step
+def _hooked_lower(hook):
+    cls = type("Hooked", (QLower,), {"on_inner_loop_start": hook})
     low_mod = Vec(W0)
-    restarting = Restarting(
+    lower = cls(
         "lower",
         low_mod,
         torch.optim.SGD(low_mod.parameters(), lr=0.1),
         train_data_loader=XS,
-        config=mlopt.Config(unroll_steps=3),
+        config=mlopt.Config(unroll_steps=3, type="first_order"),
     )
-    restarting.__dict__["seen"] = []
+    lower.__dict__["seen"] = []
     up_mod = Vec(torch.zeros(3, dtype=F64))
     upper = QUpper("upper", up_mod, torch.optim.SGD(up_mod.parameters(), lr=0.5))
     mlopt.Engine(
-        [upper, restarting],
-        {"u2l": {upper: [restarting]}, "l2u": {restarting: [upper]}},
+        [upper, lower],
+        {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
         mlopt.EngineConfig(train_iters=6),
     ).run()
-    assert [next(i for i, x in enumerate(XS) if x is b) for b in restarting.seen] == [
-        0, 0, 0, 1, 1, 1
-    ]  # fmt: skip
+    return [next(i for i, x in enumerate(XS) if x is b) for b in lower.seen]
+
+
+def test_a_lower_whose_hook_restarts_it_draws_one_batch_per_window_by_default():
+    from mlopt.meta import reset_parameters
+
+    engine, upper, lower, _ = bilevel(unroll=3, iters=6, lower_data=XS)
+    assert engine.plan.problems["lower"].resample_window is False  # persistent: per update
+    assert _hooked_lower(lambda self: reset_parameters(self)) == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_hook_that_does_not_restart_the_lower_keeps_one_batch_per_update():
+    calls = []
+    assert _hooked_lower(lambda self: calls.append(1)) == [0, 1, 2, 3, 4, 5]
+    assert calls  # the hook ran
 
 
 def test_a_task_sampler_loader_draws_one_task_per_window_by_default():

@@ -107,7 +107,7 @@ class Runtime(Replay):
         starts = st.window_count == 0
         if not st.opened:
             self.run(schedule.StartWindow(name))
-        if pp.resample_window and not starts:
+        if (pp.resample_window or st.per_task) and not starts:
             batch = st.batch
         else:
             batch = None

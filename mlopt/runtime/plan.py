@@ -60,7 +60,8 @@ class ProblemPlan:
         keeps_gradient: whether each update's gradient is kept (SAMA).
         snapshots: whether window starts are snapshot for roll-back.
         fp16_scaler: whether its optimizer updates use a ``GradScaler``.
-        resample_window: one batch per window (the current task) instead of one per update.
+        resample_window: one batch per window (the current task) instead of one per update;
+            None: decided when the first window starts (whether the hook restarts the problem).
     """
 
     name: str
@@ -80,7 +81,7 @@ class ProblemPlan:
     keeps_gradient: bool
     snapshots: bool
     fp16_scaler: bool
-    resample_window: bool
+    resample_window: bool | None
     unroll_steps: int
     accumulation: int
     clipping: float
@@ -200,10 +201,11 @@ def _plan_problem(
     )
 
 
-def _one_batch_per_window(p: Problem) -> bool:
+def _one_batch_per_window(p: Problem) -> bool | None:
     """``Config(resample=...)``, or by default whether ``p`` is a per-task problem: it is
-    meta-initialized, restarts each window in ``on_inner_loop_start``, or its loader yields
-    tasks (an ``EpisodicSampler``)."""
+    meta-initialized or its loader yields tasks (an ``EpisodicSampler``); None when it overrides
+    ``on_inner_loop_start`` (per-task if that hook restarts its parameters: decided at the first
+    window start, before any batch is drawn)."""
     cfg = p.config
     if not cfg.resample_is_default or cfg.resample == "window":
         return cfg.resample == "window"
@@ -211,10 +213,11 @@ def _one_batch_per_window(p: Problem) -> bool:
     from mlopt.problem import Problem as Base
 
     loader = p.train_data_loader
-    tasks = isinstance(loader, EpisodicSampler) or any(
+    if isinstance(loader, EpisodicSampler) or any(
         isinstance(getattr(loader, a, None), EpisodicSampler) for a in ("sampler", "batch_sampler")
-    )
-    return tasks or type(p).on_inner_loop_start is not Base.on_inner_loop_start
+    ):
+        return True
+    return None if type(p).on_inner_loop_start is not Base.on_inner_loop_start else False
 
 
 def _check_checkpointed(plans: Mapping[str, ProblemPlan], graph: Graph) -> None:

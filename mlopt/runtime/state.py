@@ -75,6 +75,7 @@ class ProblemState:
         self.memory: Any = None
         self.before: Vec | None = None
         self.last_grad: Vec | None = None  # the last update's gradient (SAMA)
+        self.per_task: bool | None = None  # its hook restarts it: one batch per window
         self.window_batches: list = []
         self.snapshot: dict | None = None
         self.segment: Any = None

@@ -60,8 +60,10 @@ def start_window(
             (a meta-initialized lower, or one unrolled differentiably from a copy).
     """
     pp, st = plan.problems[name], states[name]
-    before = versions(st.leaves())
+    before, current = versions(st.leaves()), versions(st.current())
     problem.on_inner_loop_start()
+    if pp.resample_window is None and st.per_task is None:  # does the hook restart it?
+        st.per_task = current != versions(st.current())
     if (pp.init is not None or pp.differentiable) and before != versions(st.leaves()):
         raise hook_changed_parameters(name, pp.init[0] if pp.init is not None else None)
     if pp.init is not None:
