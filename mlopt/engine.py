@@ -34,7 +34,7 @@ from mlopt import checkpoint as ckpt
 from mlopt.config import EngineConfig, is_frozen, thaw
 from mlopt.errors import ConfigError, DependencyError
 from mlopt.graph import describe, normalize, validate
-from mlopt.loggers import make_logger
+from mlopt.loggers import make_logger, validation_metrics
 from mlopt.problem import Problem, bind, problem_state, unbind
 from mlopt.runtime.checks import check_problems
 from mlopt.runtime.executor import Runtime, Services
@@ -374,36 +374,6 @@ class Engine:
         ckpt.load_program_state(
             self.plan, self.states, self.run_state, state, source=f"checkpoint {path!r}"
         )
-
-
-def validation_metrics(out: Any) -> dict[str, float]:
-    """``Engine.validation()``'s result as floats.
-
-    Raises:
-        ConfigError: it is not a dict (or None) of numbers or one-element tensors.
-    """
-    if out is None:
-        return {}
-    if not isinstance(out, Mapping):
-        raise ConfigError(
-            f"Engine.validation() must return a dict of metrics, got {type(out).__name__}; "
-            "return e.g. {'loss': value, 'accuracy': value}"
-        )
-    metrics = {}
-    for key, value in out.items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-            number = True
-        if not isinstance(key, str) or not number:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-            raise ConfigError(
-                f"Engine.validation() returned {key!r}: {type(value).__name__}"
-                + (f" of shape {shape}" if shape is not None else "")
-                + "; each metric must be a number (or a one-element tensor) under a string key: "
-                "reduce it, e.g. with .mean(), or log it elsewhere"
-            )
-        metrics[key] = float(value)
-    return metrics
 
 
 def seed_everything(seed: int) -> None:

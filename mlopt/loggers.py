@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from mlopt.config import EngineConfig
 from mlopt.errors import ConfigError
 
-__all__ = ["make_logger", "check_logger", "Logger"]
+__all__ = ["make_logger", "check_logger", "validation_metrics", "Logger"]
 
 _log = logging.getLogger("mlopt")
 
@@ -73,3 +76,33 @@ def make_logger(config: EngineConfig, rank: int = 0) -> Logger:
         ) from err
     run = wandb.run or wandb.init(dir=config.log_dir)
     return Logger(run, "wandb")
+
+
+def validation_metrics(out: Any) -> dict[str, float]:
+    """``Engine.validation()``'s result as floats.
+
+    Raises:
+        ConfigError: it is not a dict (or None) of numbers or one-element tensors.
+    """
+    if out is None:
+        return {}
+    if not isinstance(out, Mapping):
+        raise ConfigError(
+            f"Engine.validation() must return a dict of metrics, got {type(out).__name__}; "
+            "return e.g. {'loss': value, 'accuracy': value}"
+        )
+    metrics = {}
+    for key, value in out.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            number = True
+        if not isinstance(key, str) or not number:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            raise ConfigError(
+                f"Engine.validation() returned {key!r}: {type(value).__name__}"
+                + (f" of shape {shape}" if shape is not None else "")
+                + "; each metric must be a number (or a one-element tensor) under a string key: "
+                "reduce it, e.g. with .mean(), or log it elsewhere"
+            )
+        metrics[key] = float(value)
+    return metrics

@@ -77,3 +77,24 @@ def quadratic_program(
         mlopt.EngineConfig(train_iters=steps, strategy="cpu", **(engine_kw or {})),
     )
     return engine, upper, lower, grads
+
+
+def feature_tasks(n: int = 2, seed: int = 2) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` regression tasks ``(support x, support y, query x, query y)`` of 5 features and 2
+    outputs (8 support and 7 query points), float64, for meta-feature programs."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        sx, qx = (
+            torch.randn(8, 5, generator=g, dtype=F64),
+            torch.randn(7, 5, generator=g, dtype=F64),
+        )
+        out.append(
+            (
+                sx,
+                torch.randn(8, 2, generator=g, dtype=F64),
+                qx,
+                torch.randn(7, 2, generator=g, dtype=F64),
+            )
+        )
+    return out

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import feature_tasks
 from torch import nn
 
 import mlopt
@@ -300,25 +301,6 @@ class Features(mlopt.Problem):
     def training_step(self, batch):
         _, _, qx, qy = self.head.batch
         return 0.5 * ((self.head(self(qx)) - qy) ** 2).sum(1).mean()
-
-
-def feature_tasks(n_tasks=2, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_tasks):
-        sx, qx = (
-            torch.randn(8, 5, generator=g, dtype=F64),
-            torch.randn(7, 5, generator=g, dtype=F64),
-        )
-        out.append(
-            (
-                sx,
-                torch.randn(8, 2, generator=g, dtype=F64),
-                qx,
-                torch.randn(7, 2, generator=g, dtype=F64),
-            )
-        )
-    return out
 
 
 def feature_program(method, steps, lr):

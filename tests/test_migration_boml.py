@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import feature_tasks
 from torch import nn
 
 import mlopt
@@ -510,25 +511,6 @@ def test_meta_init_use_warp_warpgrad_is_a_different_objective():
 # method="MetaFeat": a shared feature extractor (upper) and a per-task head (lower)
 # ======================================================================================
 MU = 0.3  # L2 penalty of the head (BOML: ll_problem's inner_objective is yours)
-
-
-def feature_tasks(n=2, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        sx, qx = (
-            torch.randn(8, 5, generator=g, dtype=F64),
-            torch.randn(7, 5, generator=g, dtype=F64),
-        )
-        out.append(
-            (
-                sx,
-                torch.randn(8, 2, generator=g, dtype=F64),
-                qx,
-                torch.randn(7, 2, generator=g, dtype=F64),
-            )
-        )
-    return out
 
 
 def identity_linear(n, bias, seed):

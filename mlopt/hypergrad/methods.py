@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,26 @@ def _implicit(ctx: LowerContext, cotangent: Vec, solve: Any) -> Vec:
     )
 
 
+def _check_krylov(owner: str, method: Any) -> None:
+    _positive_int(owner, "iterations", method.iterations)
+    if method.tol is not None:
+        _nonneg(owner, "tol", method.tol)
+    _nonneg(owner, "damping", method.damping)
+
+
+def _krylov_solve(solver: Callable, method: Any) -> Callable:
+    """``solver`` (cg, minres) bound to the method's options; ``tol=None``: exactly
+    ``iterations`` iterations without monitoring (no host synchronisation)."""
+    exact = method.tol is None
+    return functools.partial(
+        solver,
+        iterations=method.iterations,
+        tol=0.0 if exact else method.tol,
+        damping=method.damping,
+        check=not exact,
+    )
+
+
 @dataclass(repr=False)
 class CG(Method):
     """Implicit differentiation, ``H w = v`` solved by conjugate gradient (HOAG, iMAML).
@@ -84,21 +105,10 @@ class CG(Method):
     name = "cg"
 
     def __post_init__(self) -> None:
-        _positive_int("CG", "iterations", self.iterations)
-        if self.tol is not None:
-            _nonneg("CG", "tol", self.tol)
-        _nonneg("CG", "damping", self.damping)
+        _check_krylov("CG", self)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        exact = self.tol is None
-        solve = functools.partial(
-            cg,
-            iterations=self.iterations,
-            tol=0.0 if exact else self.tol,
-            damping=self.damping,
-            check=not exact,
-        )
-        return _implicit(ctx, cotangent, solve)
+        return _implicit(ctx, cotangent, _krylov_solve(cg, self))
 
 
 @dataclass(repr=False)
@@ -124,21 +134,10 @@ class MINRES(Method):
     name = "minres"
 
     def __post_init__(self) -> None:
-        _positive_int("MINRES", "iterations", self.iterations)
-        if self.tol is not None:
-            _nonneg("MINRES", "tol", self.tol)
-        _nonneg("MINRES", "damping", self.damping)
+        _check_krylov("MINRES", self)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        exact = self.tol is None
-        solve = functools.partial(
-            minres,
-            iterations=self.iterations,
-            tol=0.0 if exact else self.tol,
-            damping=self.damping,
-            check=not exact,
-        )
-        return _implicit(ctx, cotangent, solve)
+        return _implicit(ctx, cotangent, _krylov_solve(minres, self))
 
 
 @dataclass(repr=False)

@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from mlopt.autodiff import finite_difference_mixed_vjp
 from mlopt.errors import ConfigError, HypergradientError
 from mlopt.hypergrad.base import LowerContext, Method, register_method
-from mlopt.linalg.vec import Vec, all_finite, as_vec
+from mlopt.hypergrad.finite_difference import darts_vjp
+from mlopt.linalg.vec import Vec, as_vec
 
 __all__ = ["SAMA", "sama_vjp", "sgd_preconditioner", "adam_preconditioner", "preconditioner"]
 
@@ -129,20 +129,14 @@ def sama_vjp(
     *,
     radius: float = 1.0,
 ) -> Vec:
-    """SAMA's second term ``-(∂²f/∂φ∂θ) P v`` by central differences (``v`` the cotangent).
+    """SAMA's second term ``-(∂²f/∂φ∂θ) P v`` by central differences (``v`` the cotangent):
+    DARTS's finite-difference term (:func:`~mlopt.hypergrad.finite_difference.darts_vjp`) with the
+    elementwise preconditioner ``P`` in place of the learning rate, taken at ``params``.
 
     Raises:
-        HypergradientError: a non-finite direction or result.
+        HypergradientError: a non-finite cotangent or result.
     """
-    cotangent, precond = as_vec(cotangent, "cotangent"), as_vec(precond, "precond")
-    direction = tuple(p * c.detach() for p, c in zip(precond, cotangent))
-    if not all_finite(direction):
-        raise HypergradientError("sama: the direction P ∇_θ F is not finite (NaN/Inf)")
-    mixed = finite_difference_mixed_vjp(loss_fn, params, uppers, direction, radius)
-    result = tuple(-m for m in mixed)
-    if not all_finite(result):
-        raise HypergradientError("sama: the hypergradient is not finite (NaN/Inf)")
-    return result
+    return darts_vjp(loss_fn, params, uppers, cotangent, as_vec(precond, "precond"), epsilon=radius)
 
 
 @dataclass(repr=False)

@@ -6,12 +6,13 @@ Private module: the public names are re-exported by :mod:`mlopt.linalg`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from mlopt.errors import ConfigError, HypergradientError
-from mlopt.linalg.vec import Vec, check_same_shapes, dot
+from mlopt.linalg.vec import Vec, add, check_same_shapes, dot
 
 __all__ = [
     "SolverInfo",
@@ -20,6 +21,7 @@ __all__ = [
     "check_iterations",
     "check_nonnegative",
     "detached_norm",
+    "damped",
 ]
 
 DIVERGENCE_FACTOR = 1e6
@@ -60,6 +62,13 @@ def check_nonnegative(solver: str, name: str, value: float | torch.Tensor) -> No
     number = float(value.detach()) if isinstance(value, torch.Tensor) else value
     if not isinstance(number, (int, float)) or not math.isfinite(number) or number < 0:
         raise ConfigError(f"{solver}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def damped(matvec: Callable[[Vec], Vec], damping: float | torch.Tensor) -> Callable[[Vec], Vec]:
+    """``v -> matvec(v) + damping * v`` (``matvec`` itself for a damping of 0)."""
+    if not isinstance(damping, torch.Tensor) and damping == 0.0:
+        return matvec
+    return lambda v: add(matvec(v), v, damping)
 
 
 def detached_norm(v: Vec) -> torch.Tensor:

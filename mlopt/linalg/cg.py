@@ -26,6 +26,7 @@ from mlopt.linalg._monitor import (
     SolverInfo,
     check_iterations,
     check_nonnegative,
+    damped,
 )
 from mlopt.linalg.vec import Vec, add, as_vec, check_same_shapes, dot, sub, zeros_like
 
@@ -96,13 +97,7 @@ def cg(
     check_nonnegative("cg", "tol", tol)
     check_nonnegative("cg", "damping", damping)
     b = as_vec(b, "b")
-    if isinstance(damping, torch.Tensor) or damping != 0.0:
-
-        def op(v: Vec) -> Vec:
-            return add(matvec(v), v, damping)
-
-    else:
-        op = matvec
+    op = damped(matvec, damping)
     monitor = Monitor("cg", _HINT, check)
 
     if x0 is None:

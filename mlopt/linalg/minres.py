@@ -25,7 +25,13 @@ from collections.abc import Callable
 import torch
 
 from mlopt.errors import HypergradientError
-from mlopt.linalg._monitor import DIVERGENCE_FACTOR, SolverInfo, check_iterations, check_nonnegative
+from mlopt.linalg._monitor import (
+    DIVERGENCE_FACTOR,
+    SolverInfo,
+    check_iterations,
+    check_nonnegative,
+    damped,
+)
 from mlopt.linalg.vec import Vec, add, as_vec, check_same_shapes, dot, scale, sub, zeros_like
 
 __all__ = ["minres"]
@@ -80,13 +86,7 @@ def minres(
     check_nonnegative("minres", "tol", tol)
     check_nonnegative("minres", "damping", damping)
     b = as_vec(b, "b")
-    if isinstance(damping, torch.Tensor) or damping != 0.0:
-
-        def op(v: Vec) -> Vec:
-            return add(matvec(v), v, damping)
-
-    else:
-        op = matvec
+    op = damped(matvec, damping)
     x = zeros_like(b)
     beta1 = torch.sqrt(dot(b, b))
     b_norm = float(beta1.detach()) if check else None

@@ -103,7 +103,8 @@ def check_shared(problems: Sequence[Problem], states: Mapping[str, ProblemState]
             other = owner.setdefault(id(q), p.name)
             if other != p.name:
                 shared[other] = shared.get(other, 0) + 1
-        for other, count in shared.items():
+        if shared:
+            other, count = next(iter(shared.items()))
             raise ConfigError(
                 f"problems {other!r} and {p.name!r} share {count} trainable parameter tensor(s) "
                 "(one module or parameter object given to both); give each problem its own copy, "

@@ -201,12 +201,16 @@ class Exposure:
             init=init,
             memory=st.memory,
             step=st.steps,
-            extra={
-                "slices": slices,
-                "optimizer": st.optimizer,
-                "leaves": tuple(st.leaves()),
-                "grad": st.last_grad,
-            },
+            extra=(
+                {
+                    "slices": slices,
+                    "optimizer": st.optimizer,
+                    "leaves": tuple(st.leaves()),
+                    "grad": st.last_grad,
+                }
+                if pp.keeps_gradient  # (only SAMA needs them: not built at every read)
+                else {"slices": slices}
+            ),
         )
 
     def transition(self, name: str, params: Vec) -> Transition:
