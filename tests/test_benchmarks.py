@@ -31,3 +31,25 @@ def test_engine_overhead_smoke(tmp_path):
         assert row["first_hypergradient_max_rel_diff"] < 1e-5
         assert row["units_per_process"] == 1 and row["ratio"] > 0
     assert out.exists()
+
+
+def test_gpu_check_smoke(tmp_path):
+    import json
+
+    import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--device", "cpu", "--smoke", "--out", str(out)])
+    result = json.loads(out.read_text())
+    keys = {"torch", "cuda", "device", "smoke", "maml", "rhg", "amp", "host_syncs", "seconds"}
+    assert keys <= set(result)
+    maml = result["maml"]["results"]
+    assert {"mlopt-engine", "mlopt-vmap", "mlopt-loop", "higher", "torchopt"} == set(maml)
+    for name in ("mlopt-engine", "mlopt-vmap", "mlopt-loop"):
+        assert maml[name]["agrees"] and maml[name]["on_device"] and maml[name]["median_s"] > 0
+    rhg = result["rhg"]["results"]
+    assert set(rhg) == {"reverse", "checkpoint=2"}
+    assert rhg["checkpoint=2"]["first_hypergradient_rel_diff"] < 1e-5
+    amp = result["amp"]["results"]
+    assert {"reverse", "cg", "neumann", "finite_difference", "sama"} <= set(amp)
+    assert all(0 <= row["bf16_vs_fp64"] < 0.1 for row in amp.values())
