@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-STRATEGIES = ("default", "cpu", "cuda", "ddp")
+STRATEGIES = ("default", "cpu", "cuda", "ddp", "zero")
 LOGGERS = ("none", "tensorboard", "wandb")
 _RESAMPLE = ("step", "window")
 _ON_NONFINITE = ("raise", "skip")
@@ -250,7 +250,8 @@ class EngineConfig(_ReadOnlyOnceCompiled):
             state they had at the start of their window and redo the window's updates (on the
             same batches) with the new upper parameters.
         strategy: ``"default"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
-            ``"ddp"`` (torch.distributed data parallel launched with torchrun).
+            ``"ddp"`` (torch.distributed data parallel launched with torchrun) or ``"zero"``
+            (``"ddp"`` with each optimizer's state sharded across ranks: :mod:`mlopt.sharding`).
         device: explicit device string, overriding ``strategy``'s choice.
     """
 

@@ -44,11 +44,11 @@ def average_(tensors: Sequence[torch.Tensor], world: int) -> None:
 class DataParallel:
     """Process-group set-up and gradient averaging for ``EngineConfig(strategy="ddp")``."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, strategy: str = "ddp") -> None:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ConfigError(
-                "strategy='ddp' needs torch.distributed environment variables; launch with "
-                "`torchrun --nproc_per_node N script.py`"
+                f"EngineConfig(strategy={strategy!r}) needs torch.distributed environment "
+                "variables; launch with `torchrun --nproc_per_node N script.py`"
             )
         local = int(os.environ.get("LOCAL_RANK", 0))
         if device.type == "cuda":

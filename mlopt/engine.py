@@ -57,7 +57,9 @@ class Engine:
             objects or names as keys and values.
         config: an :class:`~mlopt.EngineConfig` (None: defaults).
 
-    Override :meth:`validation` to evaluate every ``valid_step`` iterations.
+    Override :meth:`validation` to evaluate every ``valid_step`` iterations. Under
+    ``strategy="zero"``, ``engine.sharding`` maps each problem with an optimizer to ``"zero"`` or
+    to the reason its optimizer stays whole (:mod:`mlopt.sharding`).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Engine:
         try:
             self._build(problems, dependencies, config)
         except BaseException:
+            self.__dict__.get("_unshard", lambda: None)()
             for p in problems:
                 unbind(p, self)
             for c in editable:
@@ -112,10 +115,10 @@ class Engine:
         self.device = choose_device(run)
         self.distributed = None
         services = Services()
-        if run.strategy == "ddp":
+        if run.strategy in ("ddp", "zero"):
             from mlopt.distributed import DataParallel
 
-            self.distributed = DataParallel(self.device)
+            self.distributed = DataParallel(self.device, run.strategy)
             self.device = self.distributed.device
             dp = self.distributed
             services = Services(dp.rank, dp.world, dp.reduce_grads, dp.average_differentiable)
@@ -130,6 +133,13 @@ class Engine:
         self.runtime = Runtime(self.plan, self.problems_by_name, states, services)
         if self.distributed is not None:
             self.distributed.start([st.module for st in states.values() if st.module is not None])
+        self.sharding: dict[str, str] = {}
+        if run.strategy == "zero":
+            from mlopt.sharding import shard_optimizers
+
+            self.sharding, self._unshard = shard_optimizers(
+                self.plan.problems, states, self.problems_by_name
+            )
         self.run_state = RunState(best_metric=run.initial_best)
         if resume is not None:
             self.load_checkpoint(resume)

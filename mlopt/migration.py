@@ -78,8 +78,11 @@ BETTY_ENGINE_CONFIG: dict[str, str] = {
 BETTY_STRATEGIES: dict[str, str] = {
     "distributed": "strategy='ddp' (torchrun)",
     "gpu": "strategy='cuda'",
-    "zero": "not supported yet; use strategy='ddp'",
-    "fsdp": "not supported yet; use strategy='ddp'",
+    "fsdp": (
+        "not supported: fully_shard swaps a module's parameters inside its forward, which "
+        "mlopt's functional parameter substitution (fast weights, Hessian-vector products) "
+        "cannot see through; use strategy='zero' (optimizer state sharded) or 'ddp'"
+    ),
     "accelerate": "not supported; launch with torchrun and strategy='ddp'",
 }
 

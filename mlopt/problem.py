@@ -48,7 +48,9 @@ class Problem:
         name: unique name; other problems reach this one as ``self.<name>``.
         module: the ``nn.Module`` whose parameters this problem optimizes (None: no parameters).
         optimizer: the user's own ``torch.optim`` optimizer over ``module``'s parameters. It is
-            never rebuilt: param groups, state and schedulers keep working.
+            never rebuilt: param groups, state and schedulers keep working (except under
+            ``EngineConfig(strategy="zero")``, where it is replaced by its sharded twin with the
+            same class, groups, state and step hooks: see :mod:`mlopt.sharding`).
         train_data_loader: any iterable of batches, restarted when exhausted (None: ``batch=None``).
         config: a :class:`~mlopt.Config` (None: ``Config()``).
         scheduler: an optional learning-rate scheduler, stepped after each optimizer update.

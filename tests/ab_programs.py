@@ -286,10 +286,25 @@ def _cpu_has_amx() -> bool:
         return False
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor id (MKL picks kernels by vendor and model, not by ISA alone: an Intel
+    and an AMD CPU that both report AVX512 round some float64 products differently)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def platform() -> str:
-    """The torch build and CPU kernels (vector ISA, AMX) that produced the outputs."""
+    """The torch build, CPU vendor and kernels (vector ISA, AMX) that produced the outputs."""
     amx = " amx" if _cpu_has_amx() else ""
-    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}{amx}"
+    cap = torch.backends.cpu.get_cpu_capability()
+    vendor = "" if _cpu_vendor() == "AuthenticAMD" else f" {_cpu_vendor()}"
+    return f"{torch.__version__} {cap}{amx}{vendor}"
 
 
 def golden_path() -> str:

@@ -24,6 +24,7 @@ from mlopt.testing import capture_gradients
 
 __all__ = [
     "F64",
+    "IMPLICIT",
     "LOWER_DATA",
     "UPPER_DATA",
     "QLower",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 F64 = torch.float64
+#: (method, lower optimizer is Adam) of the implicit-hypergradient cases
+IMPLICIT = (("cg", False), ("neumann", False), ("fixed_point", False), ("sama", True))
 N = 3
 _G = torch.Generator().manual_seed(1234)
 A = torch.eye(N, dtype=F64) * 2.0 + 0.3 * torch.ones(N, N, dtype=F64)
@@ -84,11 +87,15 @@ def build_program(
     lower_data: list | None = None,
     upper_data: list | None = None,
     engine_kw: dict | None = None,
+    lower_adam: bool = False,
 ):
     """The two-level program; returns (engine, upper module, lower module, upper grads, lower
     grads) where the grads are those seen by each optimizer.step()."""
     up_mod, low_mod = hpo_modules(rank_for_init)
-    low_opt = torch.optim.SGD(low_mod.parameters(), lr=0.1, momentum=0.5)
+    if lower_adam:
+        low_opt = torch.optim.Adam(low_mod.parameters(), lr=0.05)
+    else:
+        low_opt = torch.optim.SGD(low_mod.parameters(), lr=0.1, momentum=0.5)
     up_opt = torch.optim.SGD(up_mod.parameters(), lr=0.2)
     lower = QLower(
         "lower",
@@ -265,6 +272,15 @@ def main(out: str) -> None:
     engine.run()
     result["darts_lower_grads"] = [g[0] for g in low_grads]  # update, redo, update, redo, ...
     result["darts_final"] = [up.weight.detach().clone(), low.weight.detach().clone()]
+
+    # 6. implicit and SAMA hypergradients: each rank's on its own batches, averaged by the
+    # upper's optimizer; SAMA's Adam correction from the rank-averaged gradient
+    for method, adam in IMPLICIT:
+        engine, up, low, up_grads, _ = build_program(
+            method, 1, 4, engine_kw={"strategy": "ddp"}, lower_adam=adam
+        )
+        engine.run()
+        result[f"implicit_{method}"] = [g[0] for g in up_grads] + [low.weight.detach().clone()]
 
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

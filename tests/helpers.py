@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -98,3 +105,24 @@ def feature_tasks(n: int = 2, seed: int = 2) -> list[tuple[torch.Tensor, ...]]:
             )
         )
     return out
+
+
+def torchrun_ranks(worker: Path, out: Path, timeout_s: int = 180) -> list[dict]:
+    """Run ``worker OUT`` on 2 gloo ranks under torchrun; returns what each rank saved as
+    ``OUT/rank{r}.pt`` (skips where torchrun or gloo is missing)."""
+    near = Path(sys.executable).with_name("torchrun")
+    torchrun = str(near) if near.is_file() else shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter nor on PATH")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    here = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(worker), str(out)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun did not finish within {timeout_s} s: {' '.join(cmd)}")
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

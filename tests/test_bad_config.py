@@ -34,7 +34,7 @@ def make(name="p", **kw):
         ({"checkpoint_step": "5"}, r"checkpoint_step must be an integer >= 0, got '5'"),
         ({"early_stopping_patience": 0}, r"early_stopping_patience must be an integer >= 1"),
         ({"logger_type": "csv"}, r"logger_type must be one of \['none', 'tensorboard'"),
-        ({"strategy": "tpu"}, r"strategy must be one of \['default', 'cpu', 'cuda', 'ddp'\]"),
+        ({"strategy": "tpu"}, r"strategy must be one of \['default', 'cpu', 'cuda', 'ddp', 'zero'"),
         ({"early_stopping_mode": "avg"}, r"early_stopping_mode must be one of \['min', 'max'\]"),
         ({"progress": "false"}, r"progress must be True or False, got 'false' \(str\).*switch"),
         ({"early_stopping": "yes"}, r"early_stopping must be True or False, got 'yes'"),

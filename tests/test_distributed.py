@@ -8,44 +8,21 @@ data (batch ``k`` of a stream goes to rank ``k mod 2``).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import ddp_worker as W
 import pytest
 import torch
+from helpers import torchrun_ranks
 
 HERE = Path(__file__).resolve().parent
-TIMEOUT_S = 120
-
-
-def _torchrun() -> str | None:
-    near = Path(sys.executable).with_name("torchrun")
-    if near.is_file():
-        return str(near)
-    return shutil.which("torchrun")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Run the worker on 2 ranks once; returns each rank's saved results."""
-    torchrun = _torchrun()
-    if torchrun is None:
-        pytest.skip("torchrun not found next to the Python interpreter nor on PATH")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
     out = tmp_path_factory.mktemp("ddp")
-    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s: {' '.join(cmd)}")
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    results = torchrun_ranks(HERE / "ddp_worker.py", out)
     results[0]["ckpt_files"] = sorted(os.listdir(out / "ckpt"))
     return results
 
@@ -203,3 +180,30 @@ def test_roll_back_redo_is_averaged_and_ranks_stay_identical(ranks):
         assert torch.equal(ga, gb)  # every optimizer step saw the rank-averaged gradient
     for ta, tb in zip(a["darts_final"], b["darts_final"]):
         assert torch.equal(ta, tb)
+
+
+@pytest.mark.parametrize("method,adam", W.IMPLICIT)
+def test_implicit_and_sama_hypergradients_equal_the_single_process(ranks, method, adam):
+    # every loss is linear in the data and the Hessian and mixed term do not depend on it, so
+    # the rank-averaged implicit hypergradient is the single-process one on the averaged data;
+    # SAMA's Adam correction must come from the averaged gradient the optimizer applied (the
+    # rank's own gradient would not match)
+    engine, _, low, up_grads, _ = W.build_program(
+        method,
+        1,
+        4,
+        lower_data=_pair_means(W.LOWER_DATA),
+        upper_data=_pair_means(W.UPPER_DATA),
+        engine_kw={"strategy": "cpu"},
+        lower_adam=adam,
+    )
+    engine.run()
+    want = [g[0] for g in up_grads] + [low.weight.detach()]
+    assert len(want) == 5
+    for r in ranks:
+        got = r[f"implicit_{method}"]
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(ranks[0][f"implicit_{method}"], ranks[1][f"implicit_{method}"]):
+        assert torch.equal(a, b)

@@ -131,8 +131,6 @@ class Runtime(Replay):
         grads = self.gradients(name, batch, params, keep_graph)
         if grads is None:  # skipped (on_nonfinite="skip")
             return schedule.book(self.plan, self.states, name)
-        if pp.keeps_gradient:
-            st.last_grad = tuple(g.detach().clone() for g in grads)
         transition = self.transition(name, params) if pp.tracks else None
         if record is not None:
             st.segment.steps.append(record)
@@ -221,6 +219,7 @@ class Runtime(Replay):
             warmup=pp.warmup(st.updates),
             reduce=self.services.reduce_grads,
             step_scheduler=counted,
+            keep_gradient=pp.keeps_gradient,
         )
 
     def redo(self, name: str, batch: Any, position: int) -> None:

@@ -47,7 +47,7 @@ def _describe(st: ProblemState) -> dict[str, Any]:
     opt, mod, sched = st.optimizer, st.module, st.scheduler
     return {
         "module": None if mod is None else {k: list(v.shape) for k, v in mod.state_dict().items()},
-        "optimizer": None if opt is None else type(opt).__name__,
+        "optimizer": None if opt is None else getattr(opt, "kind", type(opt).__name__),
         "param_groups": []
         if opt is None
         else [[list(q.shape) for q in g["params"]] for g in opt.param_groups],

@@ -69,12 +69,14 @@ def optimizer_update(
     warmup: float,
     reduce: Callable[[Sequence[torch.Tensor]], None] | None = None,
     step_scheduler: bool = True,
+    keep_gradient: bool = False,
 ) -> bool:
     """Accumulate ``grads`` into ``.grad`` and, every ``accumulation`` calls, step the optimizer.
 
     Returns True when the optimizer stepped. The accumulated gradient is averaged across ranks
     (``reduce``), unscaled by the problem's fp16 scaler, clipped to ``clipping`` (total norm),
-    and applied with the learning rate scaled by ``warmup``.
+    and applied with the learning rate scaled by ``warmup``; with ``keep_gradient`` that applied
+    gradient is kept as ``st.last_grad`` (SAMA's preconditioner needs the step's own gradient).
     """
     for leaf, g in zip(params, grads):
         g = g.detach() if accumulation == 1 else g.detach() / accumulation  # (x / 1 == x)
@@ -89,6 +91,10 @@ def optimizer_update(
         scaler.unscale_(st.optimizer)
     if clipping:  # the accumulated, averaged gradient, as torch users expect
         torch.nn.utils.clip_grad_norm_(params, clipping)
+    if keep_gradient:
+        st.last_grad = tuple(
+            torch.zeros_like(q) if q.grad is None else q.grad.detach().clone() for q in params
+        )
     with scaled_lr(st.optimizer, warmup):
         if scaler is None:
             st.optimizer.step()
@@ -99,7 +105,10 @@ def optimizer_update(
     st.accumulated = 0
     st.updates += 1
     if step_scheduler and st.scheduler is not None:
-        st.scheduler.step()
+        if getattr(st.optimizer, "kind", None) is None:
+            st.scheduler.step()
+        else:  # rebound to a sharded optimizer (mlopt.sharding): torch's step-order check
+            scheduler_step_quietly(st.scheduler)  # looks for its own wrapper of the old one
     return True
 
 
@@ -107,4 +116,5 @@ def scheduler_step_quietly(scheduler: Any) -> None:
     """Step an lr scheduler whose optimizer's ``step()`` is never called (a functional unroll)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+        warnings.filterwarnings("ignore", "Seems like `optimizer.step()` has been overridden")
         scheduler.step()
