@@ -16,6 +16,7 @@ from torch import nn
 
 import mlopt
 from mlopt.errors import ConfigError, HypergradientError
+from mlopt.hypergrad import CG
 from mlopt.testing import QuadraticBilevel, capture_gradients
 
 F64 = torch.float64
@@ -686,3 +687,44 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_matches_unscaled_updates(
     w_inf, engine = run("fp16", 1e35, torch.float32)
     torch.testing.assert_close(w_inf, torch.full_like(w_inf, 0.5), rtol=0, atol=0)
     assert engine.state("p").scaler.get_scale() < 65536.0
+
+
+def test_fp16_scaled_cotangent_overflowing_an_implicit_solver_skips_like_any_overflow():
+    """An fp16 upper scales its loss by 65536; the scaled cotangent can overflow a lower's CG
+    (its dot products square it) although the unscaled one would not: that is an overflow,
+    handled as the GradScaler handles any (the step skipped, the scale lowered), not an error."""
+
+    class Low(mlopt.Problem):
+        def training_step(self, batch):
+            theta, phi = self.module.weight, self.up.module.weight
+            return 0.5 * ((theta - phi) ** 2).sum() + 0.5 * (theta**2).sum()
+
+    class Up(mlopt.Problem):
+        def training_step(self, batch):
+            return 1e16 * (self.low.module.weight**2).sum()  # v ~ 1e16: v·v finite in fp32
+
+    def run(precision):
+        torch.manual_seed(0)
+        lo, hi = nn.Linear(3, 1, bias=False), nn.Linear(3, 1, bias=False)
+        low = Low(
+            "low",
+            lo,
+            torch.optim.SGD(lo.parameters(), lr=0.1),
+            config=mlopt.Config(type=CG(iterations=3)),
+        )
+        opt = torch.optim.SGD(hi.parameters(), lr=1e-20)
+        seen = capture_gradients(opt)
+        up = Up("up", hi, opt, config=mlopt.Config(precision=precision))
+        engine = mlopt.Engine(
+            [up, low], {"u2l": {up: [low]}, "l2u": {low: [up]}}, mlopt.EngineConfig(train_iters=12)
+        )
+        engine.run()
+        return engine, seen
+
+    engine32, seen32 = run("fp32")
+    assert len(seen32) == 12
+    engine16, seen16 = run("fp16")  # raised HypergradientError before
+    scale = engine16.state("up").scaler.get_scale()
+    skipped = 12 - len(seen16)
+    assert scale == 65536.0 / 2**skipped and 0 < skipped < 12
+    assert all(torch.isfinite(g).all() for step in seen16 for g in step)

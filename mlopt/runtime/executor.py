@@ -175,9 +175,12 @@ class Runtime(Replay):
                     target, params, create_graph=keep_graph, name=None if pp.direct_lowers else name
                 )
             except HypergradientError as err:  # a lower's solver diverged in the backward pass
-                if pp.on_nonfinite == "raise":
+                if scaler is not None and scaler.get_scale() > 1.0:  # the scale overflowed it:
+                    grads = tuple(torch.full_like(t, float("inf")) for t in params)  # skip, lower
+                elif pp.on_nonfinite == "raise":
                     raise HypergradientError(f"problem {name!r}, step {st.steps}: {err}") from err
-                return self.skip_or_raise(name, f"hypergradient ({err})")
+                else:
+                    return self.skip_or_raise(name, f"hypergradient ({err})")
         grads = self.add_direct(name, grads, 1.0 if scaler is None else scaler.get_scale())
         if scaler is None and not all_finite([g.detach() for g in grads]):
             return self.skip_or_raise(name, "gradient (hypergradient included)")
@@ -240,9 +243,7 @@ class Runtime(Replay):
         for low in self.plan.problems[name].direct_lowers:
             ctx = self.context(low)
             extra = self.plan.problems[low].method.direct_gradient(ctx)
-            if extra is None:
-                continue
-            sl = ctx.extra["slices"].get(name)
+            sl = None if extra is None else ctx.extra["slices"].get(name)
             if sl is not None:
                 grads = tuple(g + scale * e for g, e in zip(grads, extra[sl]))
         return grads
