@@ -94,8 +94,9 @@ def set_rng_state(state: dict) -> None:
     key = n["key"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # (the devices both runs have)
+        for i, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, i)
 
 
 def busy(plan: Plan, states: Mapping[str, ProblemState]) -> list[str]:

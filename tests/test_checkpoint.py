@@ -330,3 +330,18 @@ def test_refuses_to_write_non_finite_parameters(tmp_path):
         engine.save_checkpoint()
     assert sorted(os.listdir(tmp_path)) == before
     assert (tmp_path / "last.pt").read_bytes() == last
+
+
+def test_cuda_generator_states_restore_on_the_devices_this_machine_has(monkeypatch):
+    # a checkpoint written with 3 GPUs resumed on 1: device 0's state is restored, the others
+    # are not asked for (torch.cuda.set_rng_state_all would index a device that is not there)
+    from mlopt import checkpoint as ckpt
+
+    state = ckpt.rng_state()
+    state["cuda"] = [torch.full((4,), k, dtype=torch.uint8) for k in range(3)]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: calls.append((int(s[0]), i)))
+    ckpt.set_rng_state(state)
+    assert calls == [(0, 0)]
