@@ -158,17 +158,13 @@ class Runtime(Replay):
         scaler = st.scaler
         if explicit is not None:
             grads = explicit_gradient(self.problems[name], params, explicit)
-            if loss is not None and record:
-                st.last_loss = loss.detach()
         elif loss is None:
             if params and not pp.direct_lowers:
                 raise missing_loss(name, len(params))
             grads = tuple(torch.zeros_like(t) for t in params)
-        else:
-            if not all_finite([loss.detach()]):
+        else:  # (the loss is checked with the gradient: one check, one sync per update)
+            if scaler is not None and not all_finite([loss.detach()]):
                 return self.skip_or_raise(name, "loss")
-            if record:
-                st.last_loss = loss.detach()
             try:
                 target = loss if scaler is None else scaler.scale(loss)
                 grads = gradient(
@@ -177,13 +173,18 @@ class Runtime(Replay):
             except HypergradientError as err:  # a lower's solver diverged in the backward pass
                 if scaler is not None and scaler.get_scale() > 1.0:  # the scale overflowed it:
                     grads = tuple(torch.full_like(t, float("inf")) for t in params)  # skip, lower
-                elif pp.on_nonfinite == "raise":
+                elif all_finite([loss.detach()]) and pp.on_nonfinite == "raise":
                     raise HypergradientError(f"problem {name!r}, step {st.steps}: {err}") from err
                 else:
-                    return self.skip_or_raise(name, f"hypergradient ({err})")
+                    bad = not all_finite([loss.detach()])
+                    return self.skip_or_raise(name, "loss" if bad else f"hypergradient ({err})")
         grads = self.add_direct(name, grads, 1.0 if scaler is None else scaler.get_scale())
-        if scaler is None and not all_finite([g.detach() for g in grads]):
-            return self.skip_or_raise(name, "gradient (hypergradient included)")
+        own = [] if loss is None else [loss.detach()]
+        if scaler is None and not all_finite(own + [g.detach() for g in grads]):
+            bad = bool(own) and not all_finite(own)
+            return self.skip_or_raise(name, "loss" if bad else "gradient (hypergradient included)")
+        if record and own:
+            st.last_loss = own[0]
         return grads
 
     def apply(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mlopt.runtime.state import ProblemState
-from mlopt.step import clip_by_total_norm, scaled_lr
+from mlopt.step import clear_grads, clip_by_total_norm, optimizer_step, scaled_lr
 
 __all__ = ["differentiable_update", "optimizer_update", "scheduler_step_quietly"]
 
@@ -95,20 +95,21 @@ def optimizer_update(
         st.last_grad = tuple(
             torch.zeros_like(q) if q.grad is None else q.grad.detach().clone() for q in params
         )
+    fast = False
     with scaled_lr(st.optimizer, warmup):
         if scaler is None:
-            st.optimizer.step()
+            fast = optimizer_step(st.optimizer)
         else:
             scaler.step(st.optimizer)
             scaler.update()
-    st.optimizer.zero_grad(set_to_none=True)
+    clear_grads(st.optimizer)
     st.accumulated = 0
     st.updates += 1
     if step_scheduler and st.scheduler is not None:
-        if getattr(st.optimizer, "kind", None) is None:
+        if not fast and getattr(st.optimizer, "kind", None) is None:
             st.scheduler.step()
-        else:  # rebound to a sharded optimizer (mlopt.sharding): torch's step-order check
-            scheduler_step_quietly(st.scheduler)  # looks for its own wrapper of the old one
+        else:  # torch's step-order check looks for its own wrapper's call: the fast path (or a
+            scheduler_step_quietly(st.scheduler)  # sharded optimizer, mlopt.sharding) skips it
     return True
 
 
