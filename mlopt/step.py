@@ -178,18 +178,29 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _step_hooks(optimizer: torch.optim.Optimizer) -> bool:
-    # torch keeps step hooks in private dicts (per optimizer and global); any hook, or an
-    # attribute missing in another torch version, means: take the full wrapped step
+def _global_step_hooks() -> tuple[Any, ...]:
     from torch.optim import optimizer as torch_optimizer
 
-    dicts = (
-        getattr(optimizer, "_optimizer_step_pre_hooks", None),
-        getattr(optimizer, "_optimizer_step_post_hooks", None),
-        getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
-        getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
+    names = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+    return tuple(getattr(torch_optimizer, n, None) for n in names)
+
+
+# torch keeps step hooks in private dicts (per optimizer, and these two global ones, mutated in
+# place); a hook, or a dict missing in another torch version, means: take the wrapped step
+_GLOBAL_STEP_HOOKS = _global_step_hooks()
+
+
+def _step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    own = optimizer.__dict__
+    pre, post = _GLOBAL_STEP_HOOKS
+    return bool(
+        pre is None
+        or post is None
+        or pre
+        or post
+        or own.get("_optimizer_step_pre_hooks", True)
+        or own.get("_optimizer_step_post_hooks", True)
     )
-    return any(d is None or len(d) > 0 for d in dicts)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> bool:
