@@ -14,8 +14,13 @@ ratio to the plain implementation. Before timing, the first hypergradient of bot
 
 Run::
 
-    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --out docs/results/engine_overhead.json
+    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --peers \
+        --out docs/results/engine_overhead.json
     python benchmarks/engine_overhead.py --smoke      # seconds, for the tests
+
+``--peers`` adds TorchOpt and higher (benchmarks/engine_peers.py), run by the interpreter of the
+environment that benchmarks/setup_peers.sh builds (``$MLOPT_PEERS_VENV``, default
+/work/peers-venv); without it they are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -201,10 +206,26 @@ SMOKE = {
 }
 
 
+def _factory(name: str, impl: str, smoke: bool):
+    if impl in ("plain", "mlopt"):
+        plain, engine = (SMOKE if smoke else WORKLOADS)[name]
+        return plain if impl == "plain" else engine
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import engine_peers
+
+    return (engine_peers.SMOKE_PEERS if smoke else engine_peers.PEERS)[name][impl]
+
+
+def peers_python() -> str | None:
+    """The peers environment's interpreter (benchmarks/setup_peers.sh), or None."""
+    venv = os.environ.get("MLOPT_PEERS_VENV", "/work/peers-venv")
+    path = os.path.join(venv, "bin", "python")
+    return path if os.path.exists(path) else None
+
+
 def worker(name: str, impl: str, units: int, smoke: bool) -> dict:
     torch.set_num_threads(1)
-    plain, engine = (SMOKE if smoke else WORKLOADS)[name]
-    unit = (plain if impl == "plain" else engine)()
+    unit = _factory(name, impl, smoke)()
     first = unit()
     for _ in range(1 if smoke else 2):  # warm-up
         unit()
@@ -222,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--peers", action="store_true", help="also TorchOpt and higher (peers venv)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -232,12 +254,25 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.only or list(table)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     results: dict = {"torch": torch.__version__, "threads": 1, "workloads": {}}
+    peers_py = peers_python() if args.peers else None
+    if args.peers:
+        results["peers_python"] = peers_py or "not found: run benchmarks/setup_peers.sh"
     for name in names:
-        row = {}
-        for impl in ("plain", "mlopt"):
+        row: dict = {}
+        impls = [("plain", sys.executable), ("mlopt", sys.executable)]
+        if args.peers:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import engine_peers
+
+            peers = (engine_peers.SMOKE_PEERS if args.smoke else engine_peers.PEERS).get(name, {})
+            impls += [(impl, peers_py) for impl in peers]
+        for impl, python in impls:
+            if python is None:
+                row[impl] = {"skipped": "the peers environment was not found"}
+                continue
             runs = []
             for _ in range(args.processes):
-                cmd = [sys.executable, __file__, "--worker", name, impl, "--units", str(args.units)]
+                cmd = [python, __file__, "--worker", name, impl, "--units", str(args.units)]
                 out = subprocess.run(
                     cmd + (["--smoke"] if args.smoke else []),
                     env=env,
@@ -251,16 +286,31 @@ def main(argv: list[str] | None = None) -> dict:
                 "per_process_s": [r["median_s"] for r in runs],
                 "first": runs[0]["first"],
             }
-        a, b = torch.tensor(row["plain"]["first"]), torch.tensor(row["mlopt"]["first"])
-        row["first_hypergradient_max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
-        row["ratio"] = row["mlopt"]["median_s"] / row["plain"]["median_s"]
+        a = torch.tensor(row["plain"]["first"])
+        for impl, _ in impls[1:]:
+            if "median_s" not in row[impl]:
+                continue
+            b = torch.tensor(row[impl]["first"])
+            row[impl]["first_hypergradient_max_rel_diff"] = float(
+                (a - b).abs().max() / a.abs().max()
+            )
+            row[impl]["ratio"] = row[impl]["median_s"] / row["plain"]["median_s"]
+        row["first_hypergradient_max_rel_diff"] = row["mlopt"]["first_hypergradient_max_rel_diff"]
+        row["ratio"] = row["mlopt"]["ratio"]
         row["units_per_process"] = args.units
         results["workloads"][name] = row
-        print(
-            f"{name}: plain {row['plain']['median_s'] * 1e3:.1f} ms, mlopt "
-            f"{row['mlopt']['median_s'] * 1e3:.1f} ms, ratio {row['ratio']:.3f}, first "
-            f"hypergradient rel. diff {row['first_hypergradient_max_rel_diff']:.1e}"
+        shown = ", ".join(
+            f"{impl} {row[impl]['median_s'] * 1e3:.1f} ms"
+            + (
+                ""
+                if impl == "plain"
+                else f" ({row[impl]['ratio']:.3f}x, first hypergradient "
+                f"rel. diff {row[impl]['first_hypergradient_max_rel_diff']:.1e})"
+            )
+            for impl, _ in impls
+            if "median_s" in row[impl]
         )
+        print(f"{name}: {shown}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -33,6 +33,18 @@ def test_engine_overhead_smoke(tmp_path):
     assert out.exists()
 
 
+def test_engine_overhead_records_missing_peers_as_skipped(tmp_path, monkeypatch):
+    import engine_overhead
+
+    monkeypatch.setenv("MLOPT_PEERS_VENV", str(tmp_path / "no-such-venv"))
+    results = engine_overhead.main(
+        ["--smoke", "--units", "1", "--processes", "1", "--peers", "--only", "hpo-cg"]
+    )
+    row = results["workloads"]["hpo-cg"]
+    assert row["torchopt"] == {"skipped": "the peers environment was not found"}
+    assert results["peers_python"].startswith("not found")
+
+
 def test_gpu_check_smoke(tmp_path):
     import json
 
