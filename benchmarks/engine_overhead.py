@@ -195,14 +195,109 @@ def hpo_mlopt(inner: int = 100, d: int = 784):
     return unit
 
 
+# ---------------------------------------------------------------------- DARTS
+class _Mixed(nn.Module):
+    """A 784-128-10 network whose two hidden layers are softmax(α)-mixtures of three ops
+    (identity, ReLU(linear), tanh(linear)): DARTS's continuous relaxation."""
+
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.head = nn.Linear(d, width), nn.Linear(width, 10)
+        self.ops = nn.ModuleList(
+            nn.ModuleList([nn.Linear(width, width), nn.Linear(width, width)]) for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for (relu_op, tanh_op), a in zip(self.ops, alpha.softmax(-1)):
+            h = a[0] * h + a[1] * torch.relu(relu_op(h)) + a[2] * torch.tanh(tanh_op(h))
+        return self.head(h)
+
+
+def _darts_setup(d: int, width: int):
+    net = _Mixed(d, width)
+    (xt, yt), (xv, yv) = _data(128, d, 10, 5), _data(128, d, 10, 6)
+    return net, torch.zeros(2, 3), xt, yt, xv, yv
+
+
+def darts_plain(d: int = 784, width: int = 128, xi: float = 0.1, epsilon: float = 0.01):
+    """DARTS's second-order step (Liu et al. 2019, eq. 7-8): one lower SGD step, then α's
+    gradient with the finite-difference Hessian-vector term, written out."""
+    net, alpha0, xt, yt, xv, yv = _darts_setup(d, width)
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    alpha = alpha0.clone().requires_grad_()
+
+    def loss(ps, x, y, a):
+        return F.cross_entropy(functional_call(net, ps, (x, a)), y)
+
+    def unit() -> torch.Tensor:
+        nonlocal params
+        before = {k: v.requires_grad_() for k, v in params.items()}
+        grads = torch.autograd.grad(loss(before, xt, yt, alpha.detach()), list(before.values()))
+        after = {
+            k: (p - xi * g).detach().requires_grad_() for (k, p), g in zip(before.items(), grads)
+        }
+        outs = torch.autograd.grad(loss(after, xv, yv, alpha), [alpha, *after.values()])
+        direct, v = outs[0], outs[1:]
+        direction = [xi * t for t in v]
+        eps = epsilon / float(torch.sqrt(sum((t * t).sum() for t in direction)))
+        with torch.no_grad():
+            plus = {k: p + eps * t for (k, p), t in zip(before.items(), direction)}
+            minus = {k: p - eps * t for (k, p), t in zip(before.items(), direction)}
+        (gp,) = torch.autograd.grad(loss(plus, xt, yt, alpha), alpha)
+        (gm,) = torch.autograd.grad(loss(minus, xt, yt, alpha), alpha)
+        hyper = direct - (gp - gm) / (2.0 * eps)
+        with torch.no_grad():
+            alpha.sub_(0.1 * hyper)
+        params = {k: p.detach() for k, p in after.items()}
+        return hyper
+
+    return unit
+
+
+def darts_mlopt(d: int = 784, width: int = 128, xi: float = 0.1):
+    net, alpha0, xt, yt, xv, yv = _darts_setup(d, width)
+    arch = nn.Module()
+    arch.alpha = nn.Parameter(alpha0.clone())
+
+    class Weights(mlopt.Problem):
+        def training_step(self, batch):
+            return F.cross_entropy(self(xt, self.arch.module.alpha), yt)
+
+    class Arch(mlopt.Problem):
+        def training_step(self, batch):
+            return F.cross_entropy(self.weights(xv, self.module.alpha), yv)
+
+    weights = Weights(
+        "weights", net, torch.optim.SGD(net.parameters(), lr=xi), config=mlopt.Config(type="darts")
+    )
+    up_opt = torch.optim.SGD(arch.parameters(), lr=0.1)
+    up = Arch("arch", arch, up_opt)
+    seen = capture_gradients(up_opt)
+    engine = mlopt.Engine(
+        [up, weights],
+        {"u2l": {up: [weights]}, "l2u": {weights: [up]}},
+        mlopt.EngineConfig(train_iters=10**9, progress=False),
+    )
+
+    def unit() -> torch.Tensor:
+        engine.step()
+        return seen[-1][0]
+
+    return unit
+
+
 WORKLOADS = {
     "rhg-10": (lambda: rhg_plain(10), lambda: rhg_mlopt(10)),
     "rhg-50": (lambda: rhg_plain(50), lambda: rhg_mlopt(50)),
     "hpo-cg": (hpo_plain, hpo_mlopt),
+    "darts": (darts_plain, darts_mlopt),
 }
 SMOKE = {
     "rhg-2": (lambda: rhg_plain(2, d=20, hidden=8), lambda: rhg_mlopt(2, d=20, hidden=8)),
     "hpo-cg": (lambda: hpo_plain(5, d=20), lambda: hpo_mlopt(5, d=20)),
+    "darts": (lambda: darts_plain(d=20, width=8), lambda: darts_mlopt(d=20, width=8)),
 }
 
 

@@ -225,8 +225,30 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> bool:
     if raw is None or profiling or _step_hooks(optimizer):
         optimizer.step()
         return False
+    if type(optimizer) is torch.optim.SGD and all(map(_plain_sgd_group, optimizer.param_groups)):
+        with torch.no_grad():  # what SGD.step does here: param.add_(grad, alpha=-lr)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+        return True
     raw(optimizer)
     return True
+
+
+def _plain_sgd_group(group: dict) -> bool:
+    """An SGD group whose update is ``param - lr * grad`` (no momentum, decay, maximize,
+    fused or differentiable step, a number as the learning rate)."""
+    lr = group["lr"]
+    return (
+        group.get("momentum") == 0
+        and group.get("weight_decay") == 0
+        and group.get("maximize") is False
+        and not group.get("fused")
+        and group.get("differentiable") is False
+        and isinstance(lr, (int, float))
+        and not isinstance(lr, bool)
+    )
 
 
 def clear_grads(optimizer: torch.optim.Optimizer) -> None:

@@ -25,7 +25,7 @@ def test_engine_overhead_smoke(tmp_path):
     results = engine_overhead.main(
         ["--smoke", "--units", "1", "--processes", "1", "--out", str(out)]
     )
-    assert set(results["workloads"]) == {"rhg-2", "hpo-cg"}
+    assert set(results["workloads"]) == {"rhg-2", "hpo-cg", "darts"}
     for row in results["workloads"].values():
         # the same computation: the first hypergradients agree (float32 rounding at most)
         assert row["first_hypergradient_max_rel_diff"] < 1e-5

@@ -15,6 +15,10 @@ from mlopt.step import clear_grads, optimizer_step
 
 MAKERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd-foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True),
+    "sgd-groups": lambda ps: torch.optim.SGD(
+        [{"params": ps[:1], "lr": 0.3}, {"params": ps[1:], "momentum": 0.5}], lr=0.1
+    ),
     "sgd-momentum-nesterov-wd": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01
     ),
