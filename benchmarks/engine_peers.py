@@ -32,7 +32,7 @@ Unit = Callable[[], torch.Tensor]
 
 
 def _shared():
-    import engine_overhead as E  # (the benchmark's own data and model builders)
+    import overhead_workloads as E  # (the benchmark's own data and model builders)
 
     return E
 
