@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny settings); their numbers are measured by hand, not asserted."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -65,3 +66,20 @@ def test_gpu_check_smoke(tmp_path):
     amp = result["amp"]["results"]
     assert {"reverse", "cg", "neumann", "finite_difference", "sama"} <= set(amp)
     assert all(0 <= row["bf16_vs_fp64"] < 0.1 for row in amp.values())
+
+
+def test_run_all_writes_the_table_between_the_markers(tmp_path, monkeypatch):
+    import run_all
+
+    monkeypatch.setenv("MLOPT_PEERS_VENV", str(tmp_path / "no-such-venv"))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# title\n\n{run_all.BEGIN}\nSTALE-TABLE\n{run_all.END}\n\nkept\n")
+    out = tmp_path / "overhead.json"
+    args = ["--smoke", "--units", "1", "--processes", "1", "--doc", str(doc), "--out", str(out)]
+    results = run_all.main(args)
+    text = doc.read_text()
+    assert "STALE-TABLE" not in text and text.endswith("kept\n") and "| implicit HPO" in text
+    assert "not run" in text  # the peers, recorded as skipped
+    assert results["units"] == 1 and json.loads(out.read_text())["machine"]
+    run_all.main(["--from-json", str(out), "--doc", str(doc)])  # re-rendering gives the same
+    assert doc.read_text() == text
