@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,13 @@ from mlopt.errors import HypergradientError
 from mlopt.hypergrad.base import attach, create_graph_requested
 
 __all__ = [
+    "AUTO_BUDGET",
+    "START_COST",
+    "Schedule",
+    "budget_schedule",
+    "schedule",
+    "graph_bytes",
+    "saved_storages",
     "StepRecord",
     "Segment",
     "state_tensors",
@@ -44,6 +52,137 @@ __all__ = [
 
 Vec = tuple[torch.Tensor, ...]
 Replay = Callable[[Vec, Any], tuple[Vec, Any]]
+
+AUTO_BUDGET = 0.4  # checkpoint="auto": 0.4 of plain reverse's memory (a margin under 0.5)
+START_COST = 4.0  # a segment start, in updates' graphs, until the first replay measures it
+
+
+def budget_schedule(n: int, budget: float, start_cost: float = START_COST) -> tuple[int, int]:
+    """``(segment, live)`` for ``n`` differentiated updates in ``budget`` times plain reverse's
+    memory, replaying as few updates as possible.
+
+    Memory model, in units of one update's graph; ``start_cost`` is what a segment start (the
+    parameters and optimizer state it keeps) costs in those units. The last ``live`` updates
+    keep their graph, the ``n - live`` before them are replayed in segments of ``segment <=
+    live`` updates. The forward pass peaks at ``live + starts``; the backward pass frees the live
+    tail before it replays, and peaks at ``segment + starts``; both also hold the cotangent and
+    its gradient (two starts' worth), as plain reverse does (``n + 2 start_cost``). With
+    ``segment = live`` the peak is ``live + start_cost (ceil((n - live) / live) + 2)``, and the
+    largest ``live`` within the budget replays least. When no split fits, the minimum-memory
+    ``segment = live = ceil(√(n start_cost))`` (capped at ``n``) is returned.
+
+    Example:
+        >>> budget_schedule(200, 0.4, start_cost=1.0), budget_schedule(200, 0.4, start_cost=5.3)
+        ((76, 76), (57, 57))
+        >>> budget_schedule(100, 0.01)
+        (20, 20)
+    """
+    cap = budget * (n + 2 * start_cost)
+    for live in range(n, 0, -1):
+        if live + start_cost * (math.ceil((n - live) / live) + 2) <= cap:
+            return live, live
+    k = min(n, math.ceil(math.sqrt(n * start_cost)))
+    return k, k
+
+
+@dataclass
+class Schedule:
+    """Which updates of a window are recorded for replay, and where their segments end.
+
+    Attributes:
+        segment: updates per recomputed segment (``k``).
+        live_from: window position from which the updates keep their graph (none replayed).
+        budget: the memory budget it was planned for (None: a fixed ``segment``).
+        unroll_steps: the window length; ``first``: the first differentiated position.
+        calibrated: whether a replay has measured what a segment start costs (a budget is
+            planned with :data:`START_COST` until then, and re-planned once, after it).
+
+    Example:
+        >>> s = Schedule(segment=3, live_from=6)
+        >>> [s.records(t) for t in (5, 6)], s.ends(recorded=2, position=5)
+        ([True, False], True)
+    """
+
+    segment: int
+    live_from: int
+    budget: float | None = None
+    unroll_steps: int = 0
+    first: int = 0
+    calibrated: bool = False
+
+    def records(self, position: int) -> bool:
+        """Whether the update at 0-based window ``position`` is recorded for replay."""
+        return position < self.live_from
+
+    def ends(self, recorded: int, position: int) -> bool:
+        """Whether a segment of ``recorded`` updates closes after the update at ``position``
+        (it is full, or the live tail starts next)."""
+        return recorded >= self.segment or position + 1 >= self.live_from
+
+    def calibrate(self, start_bytes: int, update_bytes: float) -> None:
+        """Re-plan a budget once from a measured segment start and update graph (bytes)."""
+        if self.budget is None or self.calibrated or update_bytes <= 0:
+            return
+        self.calibrated = True
+        cost = max(start_bytes / update_bytes, 0.0)
+        k, live = budget_schedule(self.unroll_steps - self.first, self.budget, cost)
+        self.segment, self.live_from = k, self.unroll_steps - live
+
+
+def schedule(
+    checkpoint: int | float | str | None, unroll_steps: int, cut: int | None
+) -> Schedule | None:
+    """The replay schedule of ``Reverse(checkpoint=...)`` on a window of ``unroll_steps`` whose
+    differentiated updates start at ``cut`` (None: 0).
+
+    ``checkpoint=k`` replays segments of ``k`` updates and keeps the last segment's graph live
+    (replaying it would only recompute what the backward pass is about to use, at the same peak
+    memory). A float in ``(0, 1)`` is a memory budget, as a fraction of plain reverse's memory
+    (:func:`budget_schedule`); ``"auto"`` is :data:`AUTO_BUDGET`.
+
+    Example:
+        >>> schedule(4, 10, None).live_from, schedule(4, 10, 6).live_from
+        (8, 6)
+        >>> s = schedule("auto", 200, None)
+        >>> s.segment, s.live_from
+        (67, 133)
+    """
+    if checkpoint is None:
+        return None
+    first = cut or 0
+    n = unroll_steps - first
+    if isinstance(checkpoint, (str, float)):
+        budget = AUTO_BUDGET if isinstance(checkpoint, str) else checkpoint
+        k, live = budget_schedule(n, budget)
+        return Schedule(k, unroll_steps - live, budget, unroll_steps, first)
+    last = n - checkpoint * ((n - 1) // checkpoint) if n > 0 else 0
+    return Schedule(checkpoint, unroll_steps - last, None, unroll_steps, first)
+
+
+def graph_bytes(saved: dict[int, int], exclude: Vec) -> int:
+    """Bytes of the storages in ``saved`` (data pointer -> bytes) not held by ``exclude``.
+
+    Example:
+        >>> a, b = torch.ones(4), torch.ones(2)
+        >>> graph_bytes({a.data_ptr(): 16, b.data_ptr(): 8}, (a,))
+        8
+    """
+    held = {t.untyped_storage().data_ptr() for t in exclude}
+    return sum(n for ptr, n in saved.items() if ptr not in held)
+
+
+@contextlib.contextmanager
+def saved_storages() -> Iterator[dict[int, int]]:
+    """Collect the storages autograd saves inside the block (data pointer -> bytes)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 @dataclass

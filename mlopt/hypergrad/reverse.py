@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mlopt.hypergrad import checkpointed
 from mlopt.hypergrad.base import Method, Vec, register_method
 
 __all__ = [
@@ -71,12 +72,13 @@ class UnrollStep:
 
 
 def unroll_step(
-    position: int, *, differentiable: bool, cut: int | None, checkpoint: int | None
+    position: int, *, differentiable: bool, cut: int | None, checkpoint: Any
 ) -> UnrollStep:
     """The graph policy for the update at 0-based window ``position``.
 
     Updates before the truncation point ``cut`` keep no graph (memory constant in the window);
-    with ``checkpoint`` set, the kept updates are recorded for replay instead.
+    with ``checkpoint`` set (a ``mlopt.hypergrad.checkpointed.Schedule``, or a segment
+    length: every kept update recorded), the kept updates it replays are recorded instead.
 
     Example:
         >>> [unroll_step(t, differentiable=True, cut=2, checkpoint=None).keep_graph
@@ -84,7 +86,8 @@ def unroll_step(
         [False, False, True, True]
     """
     keep = differentiable and (cut is None or position >= cut)
-    record = keep and checkpoint is not None
+    records = getattr(checkpoint, "records", None)
+    record = keep and checkpoint is not None and (records is None or records(position))
     return UnrollStep(
         cut=cut is not None and position == cut, keep_graph=keep and not record, record=record
     )
@@ -109,14 +112,16 @@ def cut_graph(params: Vec, opt_state: Any) -> tuple[Vec, Any]:
     return params, state
 
 
-def segment_ends(recorded: int, position: int, checkpoint: int, unroll_steps: int) -> bool:
+def segment_ends(recorded: int, position: int, checkpoint: Any, unroll_steps: int) -> bool:
     """Whether a checkpointed segment of ``recorded`` updates closes after the update at
-    0-based ``position`` (it is full, or the window ends).
+    0-based ``position`` (it is full, or the window or its replayed part ends).
 
     Example:
         >>> segment_ends(2, 3, checkpoint=4, unroll_steps=4)
         True
     """
+    if hasattr(checkpoint, "ends"):
+        return checkpoint.ends(recorded, position) or position + 1 >= unroll_steps
     return recorded == checkpoint or position + 1 >= unroll_steps
 
 
@@ -136,9 +141,14 @@ class Reverse(Method):
         truncate: backpropagate through the last ``truncate`` updates of each window only
             (None: all of them).
         checkpoint: recompute the unroll in segments of this many updates in the backward pass
-            instead of keeping its graph (None: keep it). About ``√unroll_steps`` minimizes
-            memory; the gradient is the same, at the cost of computing each update twice.
-            Needs a lower problem without lowers of its own.
+            instead of keeping its graph (None: keep it); the last segment keeps its graph (it
+            is not replayed). About ``√unroll_steps`` minimizes memory; the gradient is the
+            same, at the cost of computing the replayed updates twice. A float in ``(0, 1)``
+            is a memory budget instead, as a fraction of plain reverse's graph memory: the
+            segment length and the number of updates that keep their graph are chosen to
+            replay the fewest updates within it; ``"auto"`` is a budget of 0.4
+            (``mlopt.hypergrad.checkpointed.schedule``). Needs a lower problem without
+            lowers of its own.
 
     Example:
         >>> Reverse(truncate=10, checkpoint=4)
@@ -146,7 +156,7 @@ class Reverse(Method):
     """
 
     truncate: int | None = None
-    checkpoint: int | None = None
+    checkpoint: int | float | str | None = None
 
     name = "reverse"
     differentiable_unroll = True
@@ -157,13 +167,22 @@ class Reverse(Method):
 
         for field in ("truncate", "checkpoint"):
             t = getattr(self, field)
+            if field == "checkpoint" and (t == "auto" or (type(t) is float and 0.0 < t < 1.0)):
+                continue
             if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
-                raise ConfigError(f"Reverse: {field} must be None or an integer >= 1, got {t!r}")
+                also = ", a memory budget in (0, 1) or 'auto'" if field == "checkpoint" else ""
+                raise ConfigError(
+                    f"Reverse: {field} must be None or an integer >= 1{also}, got {t!r}"
+                )
 
     def truncate_at(self, unroll_steps: int) -> int | None:
         if self.truncate is None or self.truncate >= unroll_steps:
             return None
         return unroll_steps - self.truncate
+
+    def checkpoint_at(self, unroll_steps: int) -> checkpointed.Schedule | None:
+        """The replay schedule of ``checkpoint`` on a window of ``unroll_steps`` (None: none)."""
+        return checkpointed.schedule(self.checkpoint, unroll_steps, self.truncate_at(unroll_steps))
 
 
 register_method("reverse", Reverse)

@@ -53,7 +53,7 @@ class ProblemPlan:
             method that needs it).
         dopt: its differentiable optimizer (differentiable unroll or forward mode), or None.
         cut: window position where a truncated unroll drops the graph (None: never).
-        checkpoint: segment length of ``Reverse(checkpoint=k)`` (None: keep the graph).
+        checkpoint: the replay schedule of ``Reverse(checkpoint=...)`` (None: keep the graph).
         init: ``(upper, positions)`` of the meta-initialization, or None.
         tracks: whether the method tracks the dynamics (forward mode) of this problem.
         keeps_before: whether the parameters before each update are kept (DARTS).
@@ -74,7 +74,7 @@ class ProblemPlan:
     differentiable: bool
     dopt: Any
     cut: int | None
-    checkpoint: int | None
+    checkpoint: Any
     init: tuple[str, tuple[int, ...]] | None
     tracks: bool
     keeps_before: bool
@@ -172,6 +172,7 @@ def _plan_problem(
         if type(problems[low].config.type).direct_gradient is not Method.direct_gradient
     )
     reads = frozenset(graph.lowers(name)) & {low for low in graph.l2u if name in graph.l2u[low]}
+    ckpt = differentiable and getattr(method, "checkpoint_at", None)
     return ProblemPlan(
         name=name,
         uppers=tuple(uppers),
@@ -183,7 +184,7 @@ def _plan_problem(
         differentiable=differentiable,
         dopt=dopt,
         cut=method.truncate_at(cfg.unroll_steps) if differentiable else None,
-        checkpoint=getattr(method, "checkpoint", None) if differentiable else None,
+        checkpoint=ckpt(cfg.unroll_steps) if ckpt else None,
         init=init,
         tracks=tracks,
         keeps_before=method.needs_params_before and bool(uppers),

@@ -110,7 +110,21 @@ class Replay(Exposure):
         st.set_fast(params)
 
     def replay(self, name: str, seg: ckr.Segment, params: Vec, state: Any) -> tuple[Vec, Any]:
-        """Recompute a segment's updates from its start, with graph (in the backward pass)."""
+        """Recompute a segment's updates from its start, with graph (in the backward pass).
+
+        A memory budget's first replay also measures the graph of an update against what a
+        segment start holds, and re-plans the schedule from it (once)."""
+        plan = self.plan.problems[name].checkpoint
+        if plan is None or plan.budget is None or plan.calibrated:
+            return self._replay(name, seg, params, state)
+        start = (*params, *ckr.state_tensors(state)[1])
+        with ckr.saved_storages() as saved:
+            out = self._replay(name, seg, params, state)
+        new = ckr.graph_bytes(saved, (*start, *seg.uppers))
+        plan.calibrate(sum(t.untyped_storage().nbytes() for t in start), new / len(seg.steps))
+        return out
+
+    def _replay(self, name: str, seg: ckr.Segment, params: Vec, state: Any) -> tuple[Vec, Any]:
         pp, st, p = self.plan.problems[name], self.states[name], self.problems[name]
         with ckr.replay_scope(self.plan.device), self.pinned(seg.slices, seg.uppers):
             for rec in seg.steps:
