@@ -5,8 +5,11 @@ Workload (the issue's): Conv4 (64 filters, transductive batch norm), Omniglot 5-
 15 queries per class (real tasks from the minimal splits), 5 inner SGD steps (lr 0.4), meta-batch
 of 16 tasks, float32. One meta-iteration = the mean meta-gradient of the 16 tasks.
 
-- ``mlopt-vmap`` / ``mlopt-loop``: :func:`mlopt.meta.meta_gradients` with ``mode="vmap"`` or
-  ``"loop"`` (per-task ``torch.func.grad`` of the whole inner loop and query loss);
+- ``mlopt-vmap`` / ``mlopt-loop`` / ``mlopt-auto``: :func:`mlopt.meta.meta_gradients` with
+  ``mode="vmap"``, ``"loop"`` or ``"auto"`` (per-task ``torch.func.grad`` of the whole inner loop
+  and query loss), the chunk size chosen by mlopt (one task on the CPU);
+  ``mlopt-vmap-chunk4``: vmap over 4 tasks at a time; ``mlopt-vmap-all``: all 16 in one vmap
+  (mlopt before chunking);
 - ``mlopt-engine``: the bilevel Problem/Engine program (lower ``type="reverse"``,
   ``initialize_from``, upper ``gradient_accumulation=16``): 16 x 5 Engine iterations;
 - ``higher``: ``higher.innerloop_ctx`` per task, then ``backward`` (its MAML example's way);
@@ -28,6 +31,9 @@ Run (in the peers' environment, see benchmarks/README.md)::
 
     OMP_NUM_THREADS=1 .peers-venv/bin/python benchmarks/maml_benchmark.py --repeats 5
     .peers-venv/bin/python benchmarks/maml_benchmark.py --smoke
+    OMP_NUM_THREADS=1 python benchmarks/maml_benchmark.py --memory-only \
+        --only mlopt-loop mlopt-vmap mlopt-auto mlopt-vmap-chunk4 mlopt-vmap-all \
+        --out docs/results/vmap_memory.json     # peak memory only, no timing
 """
 
 from __future__ import annotations
@@ -56,11 +62,17 @@ _DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 
 # ---------------------------------------------------------------- implementations
-def run_mlopt(mode):
+def run_mlopt(mode, chunk_size=None, *, all_tasks=False):
+    """``meta_gradients`` with ``mode``, ``chunk_size`` (None: chosen) or every task in one
+    vmap (``all_tasks``: the unchunked vmap, as before chunking)."""
+
     def fn(net, tasks, steps, lr):
         params = dict(net.named_parameters())
         loss = maml_task_loss(net, steps, lr)
-        out = meta_gradients(loss, params, meta_batch(tasks), mode=mode, has_aux=True)
+        chunk = len(tasks) if all_tasks else chunk_size
+        out = meta_gradients(
+            loss, params, meta_batch(tasks), mode=mode, chunk_size=chunk, has_aux=True
+        )
         return list(out.gradients.values())
 
     return fn
@@ -131,6 +143,9 @@ def run_l2l(net, tasks, steps, lr):
 IMPLEMENTATIONS = {
     "mlopt-vmap": run_mlopt("vmap"),
     "mlopt-loop": run_mlopt("loop"),
+    "mlopt-auto": run_mlopt("auto"),
+    "mlopt-vmap-chunk4": run_mlopt("vmap", 4),
+    "mlopt-vmap-all": run_mlopt("vmap", all_tasks=True),
     "mlopt-engine": run_mlopt_engine,
     "higher": run_higher,
     "learn2learn": run_l2l,
@@ -217,6 +232,7 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", default=list(IMPLEMENTATIONS))
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="peak memory, no timing")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -240,6 +256,27 @@ def main(argv=None):
     if wrong:
         raise SystemExit(f"these implementations compute a different meta-gradient: {wrong}")
 
+    if args.memory_only:
+        memory = {n: peak_memory_mb(n, args) for n in names}
+        loop = memory.get("mlopt-loop")
+        for n in names:
+            print(
+                f"{n}: peak {memory[n]} MB" + (f" ({memory[n] / loop:.2f}x loop)" if loop else "")
+            )
+        result = {
+            "workload": vars(args),
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "threads": torch.get_num_threads(),
+            "memory": "peak RSS growth of one meta-iteration in a fresh process (VmHWM reset by "
+            "/proc/self/clear_refs), first call included",
+            "agreement_max_abs_diff_float64": agree,
+            "peak_mb": memory,
+            "ratio_to_loop": {n: memory[n] / loop for n in names} if loop else None,
+        }
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return result
     times = {n: [] for n in names}
     for n in names:  # warm-up
         IMPLEMENTATIONS[n](copy.deepcopy(net), tasks, args.steps, 0.4)

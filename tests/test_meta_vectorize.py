@@ -21,6 +21,7 @@ from mlopt.meta import (
     meta_gradients,
     reptile_task_gradient,
 )
+from mlopt.meta.vectorize import auto_chunk_size, forget_measurements
 from mlopt.models import Conv4
 from mlopt.testing import capture_gradients
 
@@ -241,6 +242,66 @@ def test_mode_choice_and_errors():
         )
     with pytest.raises(mlopt.ConfigError, match="params must be a dict"):
         meta_gradients(lambda p, t: p.sum(), torch.ones(2), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize(
+    ("mode", "chunk_size"),
+    [("vmap", None), ("vmap", 1), ("vmap", 2), ("vmap", 3), ("loop", 2), ("auto", None)],
+)
+def test_chunked_and_measured_meta_batches_equal_the_loop(mode, chunk_size):
+    net = conv4()
+    tasks = tasks_for(net, n=5)
+    stacked = meta_batch(tasks)
+    params = dict(net.named_parameters())
+    fn = maml_task_loss(net, STEPS, LR)
+    expected = reference(net, tasks)
+    out = meta_gradients(fn, params, stacked, mode=mode, chunk_size=chunk_size, has_aux=True)
+    close(list(out.gradients.values()), expected)
+    ref = meta_gradients(fn, params, stacked, mode="loop", chunk_size=5, has_aux=True)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.aux, ref.aux, rtol=0, atol=1e-12)
+    mapped = map_tasks(lambda p, t: fn(p, t)[0], params, stacked, mode=mode, chunk_size=chunk_size)
+    looped = torch.stack([fn(params, t)[0] for t in tasks])
+    torch.testing.assert_close(mapped, looped, rtol=0, atol=1e-12)
+
+
+def test_auto_mode_measures_once_per_function_and_shape():
+    forget_measurements()
+    calls = []
+
+    def loss(p, t):
+        calls.append(1)  # once per task in a loop, once per chunk under vmap
+        return (p[0] * t).sum() ** 2
+
+    p, tasks = (torch.ones(2, dtype=F64),), torch.randn(4, 2, dtype=F64)
+    first = meta_gradients(loss, p, tasks, mode="auto", chunk_size=2)
+    assert len(calls) in (1 + 2 + 1, 1 + 2 + 2)  # chunk 1 both ways, then chunk 2 one way
+    calls.clear()
+    again = meta_gradients(loss, p, tasks, mode="auto", chunk_size=2)
+    assert len(calls) in (2, 4)  # remembered: no second measurement
+    torch.testing.assert_close(first.gradients, again.gradients, rtol=0, atol=1e-12)
+    calls.clear()
+    meta_gradients(loss, (torch.ones(3, dtype=F64),), torch.randn(4, 3, dtype=F64), chunk_size=2)
+    assert len(calls) in (4, 5)  # another shape is measured again
+    calls.clear()
+    meta_gradients(loss, p, tasks, mode="auto", chunk_size=1)
+    assert len(calls) == 4  # chunks of one task: vmap and loop are the same, nothing measured
+    forget_measurements()
+
+
+def test_chunk_size_choice_and_errors():
+    assert auto_chunk_size(16, 400e6, 2e9) == 5
+    assert auto_chunk_size(16, 400e6, 1e6) == 1  # at least one task
+    assert auto_chunk_size(16, 1.0, 1e9) == 16  # at most all of them
+    assert auto_chunk_size(3, 0.0, 1.0) == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(mlopt.ConfigError, match="chunk_size must be None or an integer"):
+            meta_gradients(
+                lambda p, t: p[0].sum() * t.sum(),
+                (torch.ones(2),),
+                torch.ones(3, 2),
+                chunk_size=bad,
+            )
 
 
 class VectorizedMeta(mlopt.Problem):
