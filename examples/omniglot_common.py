@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import mlopt
-from mlopt.data import EpisodicSampler, load_one_shot_runs, one_shot_error
+from mlopt.data import EpisodicSampler, Task, load_one_shot_runs, one_shot_error, task_generator
 from mlopt.meta import adapt
 from mlopt.meta.omniglot import evaluate_tasks, load_minimal_splits, split_characters
 
@@ -39,6 +40,8 @@ __all__ = [
     "maml_predictor",
     "evaluate",
     "finish",
+    "jitter",
+    "JitteredSampler",
 ]
 
 _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -131,6 +134,46 @@ def task_stream(args: argparse.Namespace, train: Any) -> EpisodicSampler:
     )
 
 
+def jitter(
+    images: torch.Tensor,
+    degrees: float = 10.0,
+    scale: float = 0.1,
+    shift: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random small affine distortion of each image (rotation, scale, translation)."""
+    n = len(images)
+
+    def uniform() -> torch.Tensor:  # in [-1, 1)
+        return torch.rand(n, generator=generator) * 2 - 1
+
+    angle = uniform() * degrees * torch.pi / 180
+    s = 1 + uniform() * scale
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, uniform() * shift], 1),
+            torch.stack([sin, cos, uniform() * shift], 1),
+        ],
+        1,
+    ).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
+
+
+class JitteredSampler(EpisodicSampler):
+    """An :class:`EpisodicSampler` (rotated classes) whose images also get :func:`jitter`,
+    drawn from the task's own generator: task ``i`` is the same every time it is read (a
+    bilevel method that re-evaluates the lower loss sees the same images)."""
+
+    def __getitem__(self, index: int) -> Task:
+        task = super().__getitem__(index)
+        gen = task_generator(self.seed, int(index), stream=2)
+        return Task(
+            jitter(task[0], generator=gen), task[1], jitter(task[2], generator=gen), task[3]
+        )
+
+
 class TimedEngine(mlopt.Engine):
     """An Engine that also stops when a wall-clock budget is spent (checked every iteration)."""
 
@@ -140,7 +183,7 @@ class TimedEngine(mlopt.Engine):
 
     def validation(self) -> dict:
         if time.perf_counter() > self.deadline:
-            self.stopped = True
+            self.run_state.stopped = True  # what early stopping sets (Engine.stopped reads it)
         return {}
 
 

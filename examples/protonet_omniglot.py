@@ -40,23 +40,6 @@ def prototype_logits(support: torch.Tensor, labels: torch.Tensor, query: torch.T
     return -torch.cdist(query, protos).pow(2)
 
 
-def jitter(images: torch.Tensor, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.1):
-    """Random small affine distortion of each image (rotation, scale, translation)."""
-    n = len(images)
-    angle = (torch.rand(n) * 2 - 1) * degrees * torch.pi / 180
-    s = 1 + (torch.rand(n) * 2 - 1) * scale
-    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack(
-        [
-            torch.stack([cos, -sin, (torch.rand(n) * 2 - 1) * shift], 1),
-            torch.stack([sin, cos, (torch.rand(n) * 2 - 1) * shift], 1),
-        ],
-        1,
-    ).to(images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, align_corners=False)
-
-
 class ProtoNet(mlopt.Problem):
     def __init__(self, *a, augment: bool = False, **k):
         super().__init__(*a, **k)
@@ -65,7 +48,7 @@ class ProtoNet(mlopt.Problem):
     def training_step(self, task):
         sx, sy, qx, qy = task
         images = torch.cat([sx, qx])
-        emb = self.module(jitter(images) if self.augment else images)
+        emb = self.module(common.jitter(images) if self.augment else images)
         logits = prototype_logits(emb[: len(sx)], sy, emb[len(sx) :], int(sy.max()) + 1)
         acc = (logits.argmax(-1) == qy).float().mean()
         return {"loss": F.cross_entropy(logits, qy), "accuracy": acc}
@@ -113,7 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         if ways != args.ways and test is not None:
             other = common.evaluate(args, predict, test, runs, ways=ways)
             results[f"{ways}way"] = {k: v for k, v in other.items() if k != "lake_error_percent"}
-    results.update(iterations=engine.iteration, train_seconds=round(train_seconds, 1))
+    results.update(
+        iterations=engine.iteration,
+        meta_updates=engine.iteration,  # one episode per update
+        train_seconds=round(train_seconds, 1),
+    )
     return common.finish(args, "protonet", results)
 
 

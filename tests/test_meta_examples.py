@@ -19,11 +19,14 @@ CASES = [
     ("maml_omniglot", ["--path", "vmap", "--ways", "20"]),
     ("fomaml_omniglot", []),
     ("reptile_omniglot", []),
+    ("reptile_omniglot", ["--protocol", "sgd"]),
     ("metasgd_omniglot", []),
     ("imaml_omniglot", []),
     ("anil_omniglot", []),
     ("mtnet_omniglot", []),
     ("warpgrad_omniglot", []),
+    ("meta_feature_omniglot", []),
+    ("meta_feature_omniglot", ["--method", "ridge_cg", "--jitter", "--test-augment", "2"]),
     ("meta_feature_omniglot", ["--method", "cg"]),
     ("meta_feature_omniglot", ["--method", "trhg"]),
     ("protonet_omniglot", ["--ways", "20"]),
@@ -51,7 +54,7 @@ def test_example_smoke(script, extra, omniglot_root, examples_path, tmp_path):
         assert 0.0 <= result["lake_error_percent"] <= 100.0
 
 
-@pytest.mark.parametrize("script", ["protonet_omniglot", "maml_omniglot"])
+@pytest.mark.parametrize("script", ["protonet_omniglot", "maml_omniglot", "meta_feature_omniglot"])
 def test_all_characters_train_and_within_alphabet_tasks(script, omniglot_root, examples_path):
     module = importlib.import_module(script)
     args = ["--smoke", "--data", str(omniglot_root), "--ways", "20", "--held-out", "0"]
@@ -75,3 +78,56 @@ def test_minimal_splits_union_and_character_hold_out(omniglot_root, examples_pat
     assert not set(train.files) & set(test.files)
     mean, half = mean_confidence_interval([0.0, 1.0] * 300)
     assert mean == 0.5 and half == round(1.96 * (600 / 599 * 0.25) ** 0.5 / 600**0.5, 4)
+
+
+@pytest.mark.parametrize("method", ["ridge", "ridge_cg"])
+def test_ridge_head_meta_gradient_is_autograd_through_the_closed_form(method, examples_path):
+    """The Engine's meta-feature gradient with a ridge head solved in the lower level (one
+    Newton step, exact or CG implicit hypergradient) equals autograd through the closed-form
+    ridge solution (R2-D2), float64."""
+    import torch.nn.functional as F
+
+    import mlopt
+    from mlopt.hypergrad import CG
+
+    mf = importlib.import_module("meta_feature_omniglot")
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        ways, shots, queries = 3, 2, 2
+        sx, qx = torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28)
+        sy, qy = torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat(queries)
+        embed = mf.Embedding(4, "running", 0.5)
+        with torch.no_grad():
+            embed.log_scale.fill_(0.3)
+        start = {k: v.detach().clone() for k, v in embed.named_parameters()}
+
+        # reference: autograd through W* = (XᵀX + λI)^{-1} Xᵀ Y
+        fs, fq = embed(sx), embed(qx)
+        w = mf.ridge_solution(fs, sy, embed.log_lam.exp(), ways)
+        loss = F.cross_entropy(F.linear(fq, w) * embed.log_scale.exp(), qy)
+        names = list(start)
+        expected = torch.autograd.grad(loss, [dict(embed.named_parameters())[n] for n in names])
+
+        head = torch.nn.Linear(embed.feature_dim, ways, bias=False)
+        opt = mf.NewtonStep(head.parameters())
+        hyper = mf.RidgeImplicit(opt) if method == "ridge" else CG(64, tol=1e-12)
+        low = mf.RidgeHead(
+            "head",
+            head,
+            opt,
+            train_data_loader=[(sx, sy, qx, qy)] * 2,
+            config=mlopt.Config(type=hyper, unroll_steps=1, resample="window"),
+        )
+        up = mf.Features("features", embed, torch.optim.SGD(embed.parameters(), lr=1.0))
+        mlopt.Engine(
+            [up, low],
+            {"u2l": {up: [low]}, "l2u": {low: [up]}},
+            mlopt.EngineConfig(train_iters=1),
+        ).run()
+        got = {k: start[k] - v.detach() for k, v in embed.named_parameters()}
+        for n, e in zip(names, expected):
+            assert torch.allclose(got[n], e, atol=1e-9, rtol=1e-7), n
+    finally:
+        torch.set_default_dtype(dtype)
