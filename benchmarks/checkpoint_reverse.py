@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
         "memory": "peak RSS above the RSS before one unit (VmHWM reset by /proc/self/clear_refs), "
         "a fresh process per measurement, MALLOC_MMAP_THRESHOLD_=65536, after one warm-up unit",
         "recomputed_updates": "lower training_step calls per unit beyond the T of the forward pass",
-        "time": "interleaved units in one process, medians; taken on a busy machine (other jobs "
-        "on both cores): indicative only, re-measure on a quiet machine",
+        "time": "interleaved units in one process, medians (valid on a quiet machine only)",
+        "quiet": os.environ.get("MLOPT_BENCH_QUIET", "unknown"),
         "runs": [],
     }
     for T in Ts:
