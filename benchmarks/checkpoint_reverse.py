@@ -37,70 +37,28 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-import mlopt
 from mlopt.hypergrad import Reverse
-from mlopt.testing import capture_gradients
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead_workloads import rhg_mlopt  # noqa: E402
 
 __all__ = ["rhg_program", "peak_bytes", "memory_worker", "measure", "main"]
-
-
-def _data(n: int, d: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 def rhg_program(
     method: Reverse, T: int, d: int = 784, hidden: int = 256
 ) -> tuple[Callable[[], torch.Tensor], dict[str, int]]:
-    """``unit() -> hypergradient`` for RHG with ``method``, and a counter of lower losses.
+    """``unit() -> hypergradient`` for RHG with ``method`` (the Engine-overhead workload,
+    benchmarks/overhead_workloads.py), and a counter of lower losses.
 
     Example:
         >>> unit, calls = rhg_program(Reverse(checkpoint=2), T=3, d=5, hidden=4)
         >>> unit().shape, calls["n"]
         (torch.Size([128]), 5)
     """
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-    hyper = nn.Module()
-    hyper.weights = nn.Parameter(torch.zeros(128))
-    (xt, yt), (xv, yv) = _data(128, d, 10, 1), _data(128, d, 10, 2)
     calls = {"n": 0}
-
-    class Fit(mlopt.Problem):
-        def training_step(self, batch):
-            calls["n"] += 1
-            losses = F.cross_entropy(self(xt), yt, reduction="none")
-            return (torch.sigmoid(self.reweight.module.weights) * losses).mean()
-
-    class Reweight(mlopt.Problem):
-        def training_step(self, batch):
-            return F.cross_entropy(self.fit(xv), yv)
-
-    fit = Fit(
-        "fit",
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.1),
-        config=mlopt.Config(type=method, unroll_steps=T),
-    )
-    up_opt = torch.optim.SGD(hyper.parameters(), lr=1.0)
-    up = Reweight("reweight", hyper, up_opt)
-    seen = capture_gradients(up_opt)
-    engine = mlopt.Engine(
-        [up, fit],
-        {"u2l": {up: [fit]}, "l2u": {fit: [up]}},
-        mlopt.EngineConfig(train_iters=10**9, progress=False),
-    )
-
-    def unit() -> torch.Tensor:
-        for _ in range(T):
-            engine.step()
-        return seen[-1][0]
-
-    unit.engine = engine  # type: ignore[attr-defined]
-    return unit, calls
+    return rhg_mlopt(T, d, hidden, method=method, calls=calls), calls
 
 
 def _status_kb(key: str) -> int:

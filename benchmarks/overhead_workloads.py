@@ -13,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +73,11 @@ def rhg_plain(T: int, d: int = 784, hidden: int = 256):
     return unit
 
 
-def rhg_mlopt(T: int, d: int = 784, hidden: int = 256):
+def rhg_mlopt(
+    T: int, d: int = 784, hidden: int = 256, method: Any = "reverse", calls: dict | None = None
+):
+    """The RHG program through the Engine with the lower's ``method`` (``unit.engine`` is the
+    Engine); ``calls["n"]`` counts the lower's losses when a dict is given."""
     net = _mlp(d, hidden)
     hyper = nn.Module()
     hyper.weights = nn.Parameter(torch.zeros(128))
@@ -79,6 +85,8 @@ def rhg_mlopt(T: int, d: int = 784, hidden: int = 256):
 
     class Fit(mlopt.Problem):
         def training_step(self, batch):
+            if calls is not None:
+                calls["n"] += 1
             losses = F.cross_entropy(self(xt), yt, reduction="none")
             return (torch.sigmoid(self.reweight.module.weights) * losses).mean()
 
@@ -90,7 +98,7 @@ def rhg_mlopt(T: int, d: int = 784, hidden: int = 256):
         "fit",
         net,
         torch.optim.SGD(net.parameters(), lr=0.1),
-        config=mlopt.Config(type="reverse", unroll_steps=T),
+        config=mlopt.Config(type=method, unroll_steps=T),
     )
     up_opt = torch.optim.SGD(hyper.parameters(), lr=1.0)
     up = Reweight("reweight", hyper, up_opt)
@@ -106,6 +114,7 @@ def rhg_mlopt(T: int, d: int = 784, hidden: int = 256):
             engine.step()
         return seen[-1][0]
 
+    unit.engine = engine  # type: ignore[attr-defined]
     return unit
 
 
