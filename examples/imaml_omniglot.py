@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import mlopt
-from mlopt.hypergrad import LowerContext, Method, Vec
-from mlopt.hypergrad.base import create_graph_requested
-from mlopt.hypergrad.implicit import implicit_vjp
+from mlopt.hypergrad import LowerContext, Method, Vec, implicit_method_vjp
 from mlopt.linalg import cg, minres
 from mlopt.meta import adapt, proximal_term
 from mlopt.models import Conv4
@@ -144,14 +142,7 @@ class SolverLog(Method):
             record["negative_curvature"] = bool(info.negative_curvature)
             return x
 
-        out = implicit_vjp(
-            ctx.grad_fn,
-            ctx.params,
-            ctx.uppers,
-            cotangent,
-            solve,
-            create_graph=create_graph_requested(),
-        )
+        out = implicit_method_vjp(ctx, cotangent, solve)
         self.records.append(record)
         return out
 

@@ -40,9 +40,7 @@ import torch.nn.functional as F
 
 import mlopt
 from mlopt.data import EpisodicSampler
-from mlopt.hypergrad import CG, LowerContext, Method, Reverse, Vec
-from mlopt.hypergrad.base import create_graph_requested
-from mlopt.hypergrad.implicit import implicit_vjp
+from mlopt.hypergrad import CG, LowerContext, Method, Reverse, Vec, implicit_method_vjp
 from mlopt.meta import adapt, reset_parameters
 from mlopt.models import Conv4
 
@@ -116,14 +114,7 @@ class RidgeImplicit(Method):
         def solve(matvec: Callable[[Vec], Vec], b: Vec) -> Vec:
             return (torch.linalg.solve(system, b[0].T).T,)
 
-        return implicit_vjp(
-            ctx.grad_fn,
-            ctx.params,
-            ctx.uppers,
-            cotangent,
-            solve,
-            create_graph=create_graph_requested(),
-        )
+        return implicit_method_vjp(ctx, cotangent, solve)
 
 
 class RidgeHead(mlopt.Problem):

@@ -18,11 +18,20 @@ from mlopt.hypergrad.base import (
     resolve_method,
 )
 from mlopt.hypergrad.first_order import FirstOrder, Reptile, first_order_vjp, reptile_gradient
-from mlopt.hypergrad.methods import CG, MINRES, FiniteDifference, FixedPoint, Forward, Neumann
+from mlopt.hypergrad.methods import (
+    CG,
+    MINRES,
+    FiniteDifference,
+    FixedPoint,
+    Forward,
+    Neumann,
+    implicit_method_vjp,
+)
 from mlopt.hypergrad.reverse import Reverse, reverse_vjp, unroll
 from mlopt.hypergrad.sama import SAMA, sama_vjp
 
 __all__ = [
+    "implicit_method_vjp",
     "LowerContext",
     "Method",
     "Transition",

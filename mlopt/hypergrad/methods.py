@@ -35,7 +35,15 @@ from mlopt.hypergrad.forward import forward_unroll, forward_vjp
 from mlopt.hypergrad.implicit import fixed_point_vjp, implicit_vjp
 from mlopt.linalg import cg, minres, neumann
 
-__all__ = ["CG", "MINRES", "Neumann", "FixedPoint", "FiniteDifference", "Forward"]
+__all__ = [
+    "CG",
+    "MINRES",
+    "Neumann",
+    "FixedPoint",
+    "FiniteDifference",
+    "Forward",
+    "implicit_method_vjp",
+]
 
 
 def _positive_int(owner: str, name: str, value: Any) -> None:
@@ -50,8 +58,17 @@ def _nonneg(owner: str, name: str, value: Any, strict: bool = False) -> None:
         raise ConfigError(f"{owner}: {name} must be a finite number {bound}, got {value!r}")
 
 
-def _implicit(ctx: LowerContext, cotangent: Vec, solve: Any) -> Vec:
-    """The implicit-function-theorem vjp at the lower's parameters, with ``solve`` injected."""
+def implicit_method_vjp(ctx: LowerContext, cotangent: Vec, solve: Any) -> Vec:
+    """The implicit-function-theorem vjp at the lower's parameters, with ``solve`` injected
+    (``solve(matvec, b) -> x`` for the lower Hessian): the body of every implicit method's
+    ``vjp``, for a custom method with its own solver (a closed form, a logged Krylov solve).
+
+    Example::
+
+        class Exact(mlopt.hypergrad.Method):
+            def vjp(self, ctx, cotangent):
+                return implicit_method_vjp(ctx, cotangent, lambda mv, b: my_solve(b))
+    """
     return implicit_vjp(
         ctx.grad_fn,
         ctx.params,
@@ -108,7 +125,7 @@ class CG(Method):
         _check_krylov("CG", self)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        return _implicit(ctx, cotangent, _krylov_solve(cg, self))
+        return implicit_method_vjp(ctx, cotangent, _krylov_solve(cg, self))
 
 
 @dataclass(repr=False)
@@ -137,7 +154,7 @@ class MINRES(Method):
         _check_krylov("MINRES", self)
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
-        return _implicit(ctx, cotangent, _krylov_solve(minres, self))
+        return implicit_method_vjp(ctx, cotangent, _krylov_solve(minres, self))
 
 
 @dataclass(repr=False)
@@ -160,7 +177,7 @@ class Neumann(Method):
 
     def vjp(self, ctx: LowerContext, cotangent: Vec) -> Vec:
         solve = functools.partial(neumann, iterations=self.iterations, alpha=self.alpha)
-        return _implicit(ctx, cotangent, solve)
+        return implicit_method_vjp(ctx, cotangent, solve)
 
 
 @dataclass(repr=False)
