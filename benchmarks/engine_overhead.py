@@ -4,13 +4,17 @@ same computation, same inputs, identical gradients; CPU, one thread, float32.
 Workloads (one unit = one upper update, its lower updates included):
 
 * ``rhg-T``: reverse-mode hypergradient of 128 per-example loss weights through ``T`` SGD steps of
-  a 784-256-10 MLP (Franceschi et al. 2017's data reweighting shape);
+  a 784-256-10 MLP (Franceschi et al. 2017's data reweighting shape), T = 10, 50, 200;
+* ``rhg-wd-T``: the same with one log weight decay as the hyperparameter;
 * ``hpo-cg``: per-feature log weight decay of a logistic regression (784 features), 100 inner SGD
   steps, then the implicit hypergradient by CG with exactly 10 iterations (``CG(10, tol=None)``).
 
 Each implementation runs in its own process (``--worker``), warms up, and reports the median
 time of ``--units`` units; the table gives the median over ``--processes`` processes and the
-ratio to the plain implementation. Before timing, the first hypergradient of both is compared.
+ratio to the plain implementation, and the peak resident memory the units add above the built
+program (``peak_mb``: the process's ``ru_maxrss`` minus its RSS before the first unit; the
+allocator's cached blocks count, so it is an upper bound on what the units hold). Before timing,
+the first hypergradient of both is compared.
 
 Run::
 
@@ -38,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead_workloads import SMOKE, WORKLOADS  # noqa: E402
 
-__all__ = ["WORKLOADS", "main", "peers_python"]
+__all__ = ["WORKLOADS", "main", "peak_rss_mb", "peers_python", "rss_mb"]
 
 
 def _factory(name: str, impl: str, smoke: bool):
@@ -58,9 +62,31 @@ def peers_python() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (Linux ``/proc/self/status``), in MB; 0 elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (``getrusage``; 0 where unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(name: str, impl: str, units: int, smoke: bool) -> dict:
     torch.set_num_threads(1)
     unit = _factory(name, impl, smoke)()
+    baseline = rss_mb()  # (model, data and program built; nothing run yet)
     first = unit()
     for _ in range(1 if smoke else 2):  # warm-up
         unit()
@@ -69,7 +95,12 @@ def worker(name: str, impl: str, units: int, smoke: bool) -> dict:
         t0 = time.perf_counter()
         unit()
         times.append(time.perf_counter() - t0)
-    return {"first": first.tolist(), "median_s": statistics.median(times), "units": units}
+    return {
+        "first": first.tolist(),
+        "median_s": statistics.median(times),
+        "units": units,
+        "peak_mb": peak_rss_mb() - baseline,  # the units' peak above the built program
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             row[impl] = {
                 "median_s": statistics.median(r["median_s"] for r in runs),
                 "per_process_s": [r["median_s"] for r in runs],
+                "peak_mb": statistics.median(r["peak_mb"] for r in runs),
                 "first": runs[0]["first"],
             }
         a = torch.tensor(row["plain"]["first"])

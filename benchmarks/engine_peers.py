@@ -3,7 +3,8 @@
 Same models, data, initial values and hyperparameters as the plain-PyTorch versions there, so
 that the first hypergradients agree (checked by engine_overhead.py before timing):
 
-* ``rhg-T`` with TorchOpt (``torchopt.MetaSGD`` on the module, graph kept through the unroll)
+* ``rhg-T`` and ``rhg-wd-T`` (one log weight decay instead of the per-example weights) with
+  TorchOpt (``torchopt.MetaSGD`` on the module, graph kept through the unroll)
   and higher (``higher.innerloop_ctx`` with a differentiable SGD);
 * ``hpo-cg`` with TorchOpt's implicit differentiation (``torchopt.diff.implicit.custom_root``
   around the 100 inner SGD steps, ``torchopt.linear_solve.solve_cg`` with exactly 10
@@ -37,55 +38,60 @@ def _shared():
     return E
 
 
-def rhg_torchopt(T: int, d: int = 784, hidden: int = 256) -> Unit:
+def rhg_torchopt(T: int, d: int = 784, hidden: int = 256, hyper: str = "weights") -> Unit:
     """TorchOpt: ``MetaSGD`` steps the module in place, keeping the graph."""
     import torchopt
 
     E = _shared()
-    net = E._mlp(d, hidden)
-    weights = torch.zeros(128, requires_grad=True)
-    (xt, yt), (xv, yv) = E._data(128, d, 10, 1), E._data(128, d, 10, 2)
+    net, start, xt, yt, xv, yv = E._rhg_setup(d, hidden, hyper)
+    value = start.clone().requires_grad_()
     opt = torchopt.MetaSGD(net, lr=0.1)
 
     def unit() -> torch.Tensor:
         for _ in range(T):
             losses = F.cross_entropy(net(xt), yt, reduction="none")
-            opt.step((torch.sigmoid(weights) * losses).mean())
+            opt.step(E.rhg_loss(hyper, losses, value, net.parameters()))
         val = F.cross_entropy(net(xv), yv)
-        (hyper,) = torch.autograd.grad(val, weights)
+        (hyper_grad,) = torch.autograd.grad(val, value)
         with torch.no_grad():
-            weights.sub_(1.0 * hyper)
+            value.sub_(1.0 * hyper_grad)
         torchopt.stop_gradient(net)
         torchopt.stop_gradient(opt)
-        return hyper
+        return hyper_grad.reshape(-1)
 
     return unit
 
 
-def rhg_higher(T: int, d: int = 784, hidden: int = 256) -> Unit:
+def rhg_higher(T: int, d: int = 784, hidden: int = 256, hyper: str = "weights") -> Unit:
     """higher: a functional copy of the module and a differentiable SGD per unit."""
     import higher
 
     E = _shared()
-    net = E._mlp(d, hidden)
+    net, start, xt, yt, xv, yv = E._rhg_setup(d, hidden, hyper)
     inner = torch.optim.SGD(net.parameters(), lr=0.1)
-    weights = torch.zeros(128, requires_grad=True)
-    (xt, yt), (xv, yv) = E._data(128, d, 10, 1), E._data(128, d, 10, 2)
+    value = start.clone().requires_grad_()
 
     def unit() -> torch.Tensor:
         with higher.innerloop_ctx(net, inner, copy_initial_weights=True) as (fnet, diffopt):
             for _ in range(T):
                 losses = F.cross_entropy(fnet(xt), yt, reduction="none")
-                diffopt.step((torch.sigmoid(weights) * losses).mean())
+                diffopt.step(E.rhg_loss(hyper, losses, value, fnet.parameters()))
             val = F.cross_entropy(fnet(xv), yv)
-            (hyper,) = torch.autograd.grad(val, weights)
+            (hyper_grad,) = torch.autograd.grad(val, value)
             with torch.no_grad():
                 for p, q in zip(net.parameters(), fnet.parameters()):
                     p.copy_(q)
-                weights.sub_(1.0 * hyper)
-        return hyper
+                value.sub_(1.0 * hyper_grad)
+        return hyper_grad.reshape(-1)
 
     return unit
+
+
+def _rhg_peers(T: int, hyper: str = "weights", **size: int) -> dict[str, Callable[[], Unit]]:
+    return {
+        "torchopt": lambda: rhg_torchopt(T, hyper=hyper, **size),
+        "higher": lambda: rhg_higher(T, hyper=hyper, **size),
+    }
 
 
 def hpo_torchopt(inner: int = 100, d: int = 784) -> Unit:
@@ -127,14 +133,12 @@ def hpo_torchopt(inner: int = 100, d: int = 784) -> Unit:
 
 
 PEERS: dict[str, dict[str, Callable[[], Unit]]] = {
-    "rhg-10": {"torchopt": lambda: rhg_torchopt(10), "higher": lambda: rhg_higher(10)},
-    "rhg-50": {"torchopt": lambda: rhg_torchopt(50), "higher": lambda: rhg_higher(50)},
+    **{f"rhg-{T}": _rhg_peers(T) for T in (10, 50, 200)},
+    **{f"rhg-wd-{T}": _rhg_peers(T, "decay") for T in (10, 50, 200)},
     "hpo-cg": {"torchopt": hpo_torchopt},
 }
 SMOKE_PEERS: dict[str, dict[str, Callable[[], Unit]]] = {
-    "rhg-2": {
-        "torchopt": lambda: rhg_torchopt(2, d=20, hidden=8),
-        "higher": lambda: rhg_higher(2, d=20, hidden=8),
-    },
+    "rhg-2": _rhg_peers(2, d=20, hidden=8),
+    "rhg-wd-2": _rhg_peers(2, "decay", d=20, hidden=8),
     "hpo-cg": {"torchopt": lambda: hpo_torchopt(5, d=20)},
 }

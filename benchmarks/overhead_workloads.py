@@ -32,6 +32,7 @@ __all__ = [
     "darts_plain",
     "hpo_mlopt",
     "hpo_plain",
+    "rhg_loss",
     "rhg_mlopt",
     "rhg_plain",
 ]
@@ -48,47 +49,69 @@ def _mlp(d: int, hidden: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- RHG data reweighting
-def rhg_plain(T: int, d: int = 784, hidden: int = 256):
-    """Plain PyTorch: returns ``unit() -> hypergradient`` (one upper SGD step per call)."""
+def _rhg_setup(d: int, hidden: int, hyper: str):
+    """The model, data and the hyperparameter tensor (zeros) of an RHG workload: ``"weights"``
+    (128 per-example loss weights, sigmoid) or ``"decay"`` (one log weight decay)."""
+    if hyper not in ("weights", "decay"):
+        raise ValueError(f"hyper must be 'weights' or 'decay', got {hyper!r}")
     net = _mlp(d, hidden)
-    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
-    weights = torch.zeros(128, requires_grad=True)
     (xt, yt), (xv, yv) = _data(128, d, 10, 1), _data(128, d, 10, 2)
+    start = torch.zeros(128) if hyper == "weights" else torch.full((), -4.0)
+    return net, start, xt, yt, xv, yv
+
+
+def rhg_loss(hyper: str, losses: torch.Tensor, value: torch.Tensor, params: Any) -> torch.Tensor:
+    """The lower loss of an RHG workload from per-example ``losses``: weighted by
+    ``sigmoid(value)``, or their mean plus ``exp(value)/2 ||θ||²`` over ``params``."""
+    if hyper == "weights":
+        return (torch.sigmoid(value) * losses).mean()
+    return losses.mean() + 0.5 * value.exp() * sum((p * p).sum() for p in params)
+
+
+def rhg_plain(T: int, d: int = 784, hidden: int = 256, hyper: str = "weights"):
+    """Plain PyTorch: returns ``unit() -> hypergradient`` (one upper SGD step per call)."""
+    net, start, xt, yt, xv, yv = _rhg_setup(d, hidden, hyper)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    value = start.clone().requires_grad_()
 
     def unit() -> torch.Tensor:
         nonlocal params
         fast = params
         for _ in range(T):
             losses = F.cross_entropy(functional_call(net, fast, (xt,)), yt, reduction="none")
-            loss = (torch.sigmoid(weights) * losses).mean()
+            loss = rhg_loss(hyper, losses, value, fast.values())
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {k: p - 0.1 * g for (k, p), g in zip(fast.items(), grads)}
         val = F.cross_entropy(functional_call(net, fast, (xv,)), yv)
-        (hyper,) = torch.autograd.grad(val, weights)
+        (hyper_grad,) = torch.autograd.grad(val, value)
         with torch.no_grad():
-            weights.sub_(1.0 * hyper)
+            value.sub_(1.0 * hyper_grad)
         params = {k: v.detach().requires_grad_() for k, v in fast.items()}
-        return hyper
+        return hyper_grad.reshape(-1)
 
     return unit
 
 
 def rhg_mlopt(
-    T: int, d: int = 784, hidden: int = 256, method: Any = "reverse", calls: dict | None = None
+    T: int,
+    d: int = 784,
+    hidden: int = 256,
+    method: Any = "reverse",
+    calls: dict | None = None,
+    hyper: str = "weights",
 ):
     """The RHG program through the Engine with the lower's ``method`` (``unit.engine`` is the
     Engine); ``calls["n"]`` counts the lower's losses when a dict is given."""
-    net = _mlp(d, hidden)
-    hyper = nn.Module()
-    hyper.weights = nn.Parameter(torch.zeros(128))
-    (xt, yt), (xv, yv) = _data(128, d, 10, 1), _data(128, d, 10, 2)
+    net, start, xt, yt, xv, yv = _rhg_setup(d, hidden, hyper)
+    hyper_mod = nn.Module()
+    hyper_mod.value = nn.Parameter(start.clone())
 
     class Fit(mlopt.Problem):
         def training_step(self, batch):
             if calls is not None:
                 calls["n"] += 1
             losses = F.cross_entropy(self(xt), yt, reduction="none")
-            return (torch.sigmoid(self.reweight.module.weights) * losses).mean()
+            return rhg_loss(hyper, losses, self.reweight.module.value, self.parameters())
 
     class Reweight(mlopt.Problem):
         def training_step(self, batch):
@@ -100,8 +123,8 @@ def rhg_mlopt(
         torch.optim.SGD(net.parameters(), lr=0.1),
         config=mlopt.Config(type=method, unroll_steps=T),
     )
-    up_opt = torch.optim.SGD(hyper.parameters(), lr=1.0)
-    up = Reweight("reweight", hyper, up_opt)
+    up_opt = torch.optim.SGD(hyper_mod.parameters(), lr=1.0)
+    up = Reweight("reweight", hyper_mod, up_opt)
     seen = capture_gradients(up_opt)
     engine = mlopt.Engine(
         [up, fit],
@@ -112,7 +135,7 @@ def rhg_mlopt(
     def unit() -> torch.Tensor:
         for _ in range(T):
             engine.step()
-        return seen[-1][0]
+        return seen[-1][0].reshape(-1)
 
     unit.engine = engine  # type: ignore[attr-defined]
     return unit
@@ -289,11 +312,19 @@ def darts_mlopt(d: int = 784, width: int = 128, xi: float = 0.1):
 WORKLOADS = {
     "rhg-10": (lambda: rhg_plain(10), lambda: rhg_mlopt(10)),
     "rhg-50": (lambda: rhg_plain(50), lambda: rhg_mlopt(50)),
+    "rhg-200": (lambda: rhg_plain(200), lambda: rhg_mlopt(200)),
+    "rhg-wd-10": (lambda: rhg_plain(10, hyper="decay"), lambda: rhg_mlopt(10, hyper="decay")),
+    "rhg-wd-50": (lambda: rhg_plain(50, hyper="decay"), lambda: rhg_mlopt(50, hyper="decay")),
+    "rhg-wd-200": (lambda: rhg_plain(200, hyper="decay"), lambda: rhg_mlopt(200, hyper="decay")),
     "hpo-cg": (hpo_plain, hpo_mlopt),
     "darts": (darts_plain, darts_mlopt),
 }
 SMOKE = {
     "rhg-2": (lambda: rhg_plain(2, d=20, hidden=8), lambda: rhg_mlopt(2, d=20, hidden=8)),
+    "rhg-wd-2": (
+        lambda: rhg_plain(2, d=20, hidden=8, hyper="decay"),
+        lambda: rhg_mlopt(2, d=20, hidden=8, hyper="decay"),
+    ),
     "hpo-cg": (lambda: hpo_plain(5, d=20), lambda: hpo_mlopt(5, d=20)),
     "darts": (lambda: darts_plain(d=20, width=8), lambda: darts_mlopt(d=20, width=8)),
 }

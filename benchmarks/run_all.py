@@ -33,6 +33,10 @@ __all__ = ["machine", "render", "write_section", "main"]
 LABELS = {
     "rhg-10": "RHG, 128 per-example weights, MLP 784-256-10, T = 10",
     "rhg-50": "RHG, same, T = 50",
+    "rhg-200": "RHG, same, T = 200",
+    "rhg-wd-10": "RHG, scalar log weight decay, same MLP, T = 10",
+    "rhg-wd-50": "RHG, scalar log weight decay, T = 50",
+    "rhg-wd-200": "RHG, scalar log weight decay, T = 200",
     "hpo-cg": "implicit HPO: logistic regression (784), 100 inner SGD steps + CG(10, tol=None)",
     "darts": "DARTS step (finite difference, unroll 1), 784-128-10 with 2 mixed layers of 3 ops",
 }
@@ -60,7 +64,8 @@ def _cell(row: dict, impl: str) -> str:
         return "-"
     if "median_s" not in r:
         return "not run"
-    return f"{r['median_s'] * 1e3:.1f} ms ({r['ratio']:.2f}x)"
+    mem = f", {r['peak_mb']:.0f} MB" if "peak_mb" in r else ""
+    return f"{r['median_s'] * 1e3:.1f} ms ({r['ratio']:.2f}x{mem})"
 
 
 def render(results: dict) -> str:
@@ -69,7 +74,9 @@ def render(results: dict) -> str:
         f"Measured {results.get('date', '?')} on {results.get('machine', '?')}; torch "
         f"{results.get('torch', '?')}, one thread, float32; median over "
         f"{results.get('processes', '?')} processes of the median of "
-        f"{results.get('units', '?')} timed units after 2 warm-up units. Ratio: time / plain.",
+        f"{results.get('units', '?')} timed units after 2 warm-up units. Ratio: time / plain; "
+        "MB: peak resident memory the units add above the built program (median over the "
+        "processes).",
         "",
         "| workload | plain | mlopt | TorchOpt | higher | first hypergradient vs plain |",
         "|---|---|---|---|---|---|",
@@ -81,6 +88,8 @@ def render(results: dict) -> str:
             if "first_hypergradient_max_rel_diff" in row.get(impl, {})
         )
         plain = f"{row['plain']['median_s'] * 1e3:.1f} ms"
+        if "peak_mb" in row["plain"]:
+            plain += f", {row['plain']['peak_mb']:.0f} MB"
         cells = " | ".join(_cell(row, impl) for impl in IMPLS)
         lines.append(f"| {LABELS.get(name, name)} | {plain} | {cells} | {diffs} |")
     return "\n".join(lines) + "\n"

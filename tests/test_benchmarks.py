@@ -26,11 +26,12 @@ def test_engine_overhead_smoke(tmp_path):
     results = engine_overhead.main(
         ["--smoke", "--units", "1", "--processes", "1", "--out", str(out)]
     )
-    assert set(results["workloads"]) == {"rhg-2", "hpo-cg", "darts"}
+    assert set(results["workloads"]) == {"rhg-2", "rhg-wd-2", "hpo-cg", "darts"}
     for row in results["workloads"].values():
         # the same computation: the first hypergradients agree (float32 rounding at most)
         assert row["first_hypergradient_max_rel_diff"] < 1e-5
         assert row["units_per_process"] == 1 and row["ratio"] > 0
+        assert row["plain"]["peak_mb"] >= 0 and row["mlopt"]["peak_mb"] >= 0
     assert out.exists()
 
 
