@@ -61,7 +61,7 @@ def split_output(name: str, out: Any) -> tuple[torch.Tensor | None, dict[str, An
             f"problem {name!r}: training_step must return a scalar loss tensor, got {shape}; "
             "reduce it, e.g. with .mean() or .sum()"
         )
-    return out.reshape(()), metrics
+    return (out if out.dim() == 0 else out.reshape(())), metrics
 
 
 def gradient(
@@ -149,12 +149,26 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
-@contextlib.contextmanager
-def scaled_lr(optimizer: torch.optim.Optimizer | None, factor: float) -> Iterator[None]:
-    """Temporarily multiply every param group's learning rate by ``factor`` (warm-up)."""
+def scaled_lr(
+    optimizer: torch.optim.Optimizer | None, factor: float
+) -> contextlib.AbstractContextManager:
+    """Temporarily multiply every param group's learning rate by ``factor`` (warm-up).
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.5)
+        >>> with scaled_lr(opt, 0.1):
+        ...     round(opt.param_groups[0]["lr"], 6)
+        0.05
+        >>> opt.param_groups[0]["lr"]
+        0.5
+    """
     if optimizer is None or factor == 1.0:
-        yield
-        return
+        return contextlib.nullcontext()  # (every update goes through here: no generator)
+    return _scaled_lr(optimizer, factor)
+
+
+@contextlib.contextmanager
+def _scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
     saved = [g["lr"] for g in optimizer.param_groups]
     for g in optimizer.param_groups:
         g["lr"] = g["lr"] * factor

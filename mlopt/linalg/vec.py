@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -153,7 +154,9 @@ def all_finite(a: Vec) -> bool:
 
     Fast path: the sum of all entries, which is finite whenever every entry is (NaN and ±Inf
     propagate); only when that sum is not finite (a non-finite entry, or finite entries whose sum
-    overflows) is each tensor checked entry by entry, so the answer is exact.
+    overflows) is each tensor checked entry by entry, so the answer is exact. Nothing is
+    recorded for autograd (the tensors may carry a graph), and a 0-dimensional tensor (a loss)
+    enters the sum as it is.
 
     Example:
         >>> all_finite((torch.tensor([1.0, float("nan")]),))
@@ -163,15 +166,20 @@ def all_finite(a: Vec) -> bool:
     """
     if len(a) == 0:
         return True
-    if len(a) <= 3:  # (fewer kernels than stacking)
-        total = a[0].sum()
-        for x in a[1:]:
-            total = total + x.sum()
-    else:
-        total = torch.stack([x.sum() for x in a]).sum()
-    if bool(total.isfinite()):
-        return True
-    return bool(torch.stack([torch.isfinite(x).all() for x in a]).all())
+    with torch.no_grad():
+        if len(a) <= 3:  # (fewer kernels than stacking)
+            total = _total(a[0])
+            for x in a[1:]:
+                total = total + _total(x)
+        else:
+            total = torch.stack([x.sum() for x in a]).sum()
+        if math.isfinite(total.item()):  # (the one synchronisation)
+            return True
+        return bool(torch.stack([torch.isfinite(x).all() for x in a]).all())
+
+
+def _total(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 0 else x.sum()
 
 
 def flatten(a: Vec) -> torch.Tensor:

@@ -108,20 +108,19 @@ class Exposure:
         self._replaying: tuple[str, int] | None = None
 
     # ------------------------------------------------------------------ losses
-    @contextlib.contextmanager
-    def active(self, name: str) -> Iterator[None]:
-        """Mark ``name`` as the problem whose loss is being computed."""
-        self._active.append(name)
+    def loss(self, problem: Problem, batch: Any) -> tuple[torch.Tensor | None, dict]:
+        """Run ``problem.training_step(batch)`` under its precision, with ``problem`` marked as
+        the one whose loss is being computed; returns (loss, metrics)."""
+        precision = self.plan.problems[problem.name].precision
+        self._active.append(problem.name)  # (no context managers: this runs every update)
         try:
-            yield
+            if precision == "fp32":
+                out = problem.training_step(batch)
+            else:
+                with autocast(precision, self.plan.device):
+                    out = problem.training_step(batch)
         finally:
             self._active.pop()
-
-    def loss(self, problem: Problem, batch: Any) -> tuple[torch.Tensor | None, dict]:
-        """Run ``problem.training_step(batch)`` under its precision; returns (loss, metrics)."""
-        precision = self.plan.problems[problem.name].precision
-        with self.active(problem.name), autocast(precision, self.plan.device):
-            out = problem.training_step(batch)
         return split_output(problem.name, out)
 
     def loss_at(self, name: str, params: Vec, batch: Any) -> torch.Tensor:

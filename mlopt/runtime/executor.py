@@ -179,12 +179,12 @@ class Runtime(Replay):
                     bad = not all_finite([loss.detach()])
                     return self.skip_or_raise(name, "loss" if bad else f"hypergradient ({err})")
         grads = self.add_direct(name, grads, 1.0 if scaler is None else scaler.get_scale())
-        own = [] if loss is None else [loss.detach()]
-        if scaler is None and not all_finite(own + [g.detach() for g in grads]):
+        own = () if loss is None else (loss,)
+        if scaler is None and not all_finite(own + tuple(grads)):  # (records no graph)
             bad = bool(own) and not all_finite(own)
             return self.skip_or_raise(name, "loss" if bad else "gradient (hypergradient included)")
         if record and own:
-            st.last_loss = own[0]
+            st.last_loss = loss.detach()
         return grads
 
     def apply(
