@@ -22,9 +22,13 @@ Run::
         --out docs/results/engine_overhead.json
     python benchmarks/engine_overhead.py --smoke      # seconds, for the tests
 
-``--peers`` adds TorchOpt and higher (benchmarks/engine_peers.py), run by the interpreter of the
-environment that benchmarks/setup_peers.sh builds (``$MLOPT_PEERS_VENV``, default
-/work/peers-venv); without it they are recorded as skipped.
+``--interleaved R`` also runs every implementation in one process (per process of
+``--processes``), one unit of each in turn for ``R`` rounds, and records the median ratio to
+plain within a round (``interleaved_ratio``): the between-process variance (allocator layout,
+clock) cancels there. ``--peers`` adds TorchOpt and higher (benchmarks/engine_peers.py), run
+by the interpreter of the environment that benchmarks/setup_peers.sh builds
+(``$MLOPT_PEERS_VENV``, default /work/peers-venv; the interleaved run then uses it for all);
+without it they are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -103,6 +107,27 @@ def worker(name: str, impl: str, units: int, smoke: bool) -> dict:
     }
 
 
+def interleaved_worker(name: str, impls: list[str], units: int, smoke: bool) -> dict:
+    """All ``impls`` in one process, one unit of each in turn per round: the ratio of each to
+    plain within a round, median over the rounds. Between-process variance (allocator layout,
+    frequency) cancels; what is left is each implementation's own work."""
+    torch.set_num_threads(1)
+    built = {impl: _factory(name, impl, smoke)() for impl in impls}
+    for unit in built.values():
+        for _ in range(1 if smoke else 3):  # first hypergradient and warm-up
+            unit()
+    ratios: dict[str, list[float]] = {impl: [] for impl in impls if impl != "plain"}
+    for _ in range(units):
+        took = {}
+        for impl, unit in built.items():
+            t0 = time.perf_counter()
+            unit()
+            took[impl] = time.perf_counter() - t0
+        for impl in ratios:
+            ratios[impl].append(took[impl] / took["plain"])
+    return {impl: statistics.median(r) for impl, r in ratios.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--units", type=int, default=5, help="timed upper updates per process")
@@ -111,10 +136,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--peers", action="store_true", help="also TorchOpt and higher (peers venv)")
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also run every implementation in one process, ROUNDS alternating units each",
+    )
     p.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.units, args.smoke)))
+        name, impl = args.worker
+        if "," in impl:
+            out = interleaved_worker(name, impl.split(","), args.units, args.smoke)
+        else:
+            out = worker(name, impl, args.units, args.smoke)
+        print(json.dumps(out))
         return {}
     table = SMOKE if args.smoke else WORKLOADS
     names = args.only or list(table)
@@ -153,6 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_mb": statistics.median(r["peak_mb"] for r in runs),
                 "first": runs[0]["first"],
             }
+        if args.interleaved:
+            together = [impl for impl, python in impls if python is not None]
+            python = peers_py if len(together) > 2 else sys.executable
+            runs = []
+            for _ in range(args.processes):
+                cmd = [python, __file__, "--worker", name, ",".join(together)]
+                cmd += ["--units", str(args.interleaved)] + (["--smoke"] if args.smoke else [])
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            for impl in together[1:]:
+                row[impl]["interleaved_ratio"] = statistics.median(r[impl] for r in runs)
+            row["interleaved_rounds"] = args.interleaved
         a = torch.tensor(row["plain"]["first"])
         for impl, _ in impls[1:]:
             if "median_s" not in row[impl]:
@@ -164,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
             row[impl]["ratio"] = row[impl]["median_s"] / row["plain"]["median_s"]
         row["first_hypergradient_max_rel_diff"] = row["mlopt"]["first_hypergradient_max_rel_diff"]
         row["ratio"] = row["mlopt"]["ratio"]
+        if "interleaved_ratio" in row["mlopt"]:
+            row["interleaved_ratio"] = row["mlopt"]["interleaved_ratio"]
         row["units_per_process"] = args.units
         results["workloads"][name] = row
         shown = ", ".join(
@@ -171,7 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
             + (
                 ""
                 if impl == "plain"
-                else f" ({row[impl]['ratio']:.3f}x, first hypergradient "
+                else f" ({row[impl]['ratio']:.3f}x"
+                + (
+                    f", {row[impl]['interleaved_ratio']:.3f}x interleaved"
+                    if "interleaved_ratio" in row[impl]
+                    else ""
+                )
+                + ", first hypergradient "
                 f"rel. diff {row[impl]['first_hypergradient_max_rel_diff']:.1e})"
             )
             for impl, _ in impls

@@ -65,7 +65,10 @@ def _cell(row: dict, impl: str) -> str:
     if "median_s" not in r:
         return "not run"
     mem = f", {r['peak_mb']:.0f} MB" if "peak_mb" in r else ""
-    return f"{r['median_s'] * 1e3:.1f} ms ({r['ratio']:.2f}x{mem})"
+    both = f"{r['ratio']:.2f}x"
+    if "interleaved_ratio" in r:
+        both += f" / {r['interleaved_ratio']:.2f}x"
+    return f"{r['median_s'] * 1e3:.1f} ms ({both}{mem})"
 
 
 def render(results: dict) -> str:
@@ -74,9 +77,11 @@ def render(results: dict) -> str:
         f"Measured {results.get('date', '?')} on {results.get('machine', '?')}; torch "
         f"{results.get('torch', '?')}, one thread, float32; median over "
         f"{results.get('processes', '?')} processes of the median of "
-        f"{results.get('units', '?')} timed units after 2 warm-up units. Ratio: time / plain; "
-        "MB: peak resident memory the units add above the built program (median over the "
-        "processes).",
+        f"{results.get('units', '?')} timed units after 2 warm-up units. Ratios: time / plain, "
+        "each implementation in its own processes / all of them in one process, one unit of "
+        f"each in turn ({results.get('interleaved', '?')} rounds, median of the per-round "
+        "ratios, median over the processes); MB: peak resident memory the units add above the "
+        "built program (median over the processes).",
         "",
         "| workload | plain | mlopt | TorchOpt | higher | first hypergradient vs plain |",
         "|---|---|---|---|---|---|",
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--from-json", default=None, help="render these results, run nothing")
     p.add_argument("--units", type=int, default=5)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--interleaved", type=int, default=7, help="rounds of the one-process run")
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "engine_overhead.json"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes (tests)")
@@ -123,12 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         import engine_overhead
 
         run = ["--units", str(args.units), "--processes", str(args.processes), "--peers"]
+        run += ["--interleaved", str(args.interleaved)]
         results = engine_overhead.main(run + (["--smoke"] if args.smoke else []))
         results.update(
             machine=machine(),
             date=datetime.date.today().isoformat(),
             units=args.units,
             processes=args.processes,
+            interleaved=args.interleaved,
         )
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

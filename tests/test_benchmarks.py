@@ -24,7 +24,7 @@ def test_engine_overhead_smoke(tmp_path):
 
     out = tmp_path / "overhead.json"
     results = engine_overhead.main(
-        ["--smoke", "--units", "1", "--processes", "1", "--out", str(out)]
+        ["--smoke", "--units", "1", "--processes", "1", "--interleaved", "2", "--out", str(out)]
     )
     assert set(results["workloads"]) == {"rhg-2", "rhg-wd-2", "hpo-cg", "darts"}
     for row in results["workloads"].values():
@@ -32,6 +32,7 @@ def test_engine_overhead_smoke(tmp_path):
         assert row["first_hypergradient_max_rel_diff"] < 1e-5
         assert row["units_per_process"] == 1 and row["ratio"] > 0
         assert row["plain"]["peak_mb"] >= 0 and row["mlopt"]["peak_mb"] >= 0
+        assert row["interleaved_rounds"] == 2 and row["mlopt"]["interleaved_ratio"] > 0
     assert out.exists()
 
 
@@ -77,6 +78,7 @@ def test_run_all_writes_the_table_between_the_markers(tmp_path, monkeypatch):
     doc.write_text(f"# title\n\n{run_all.BEGIN}\nSTALE-TABLE\n{run_all.END}\n\nkept\n")
     out = tmp_path / "overhead.json"
     args = ["--smoke", "--units", "1", "--processes", "1", "--doc", str(doc), "--out", str(out)]
+    args += ["--interleaved", "1"]
     results = run_all.main(args)
     text = doc.read_text()
     assert "STALE-TABLE" not in text and text.endswith("kept\n") and "| implicit HPO" in text
