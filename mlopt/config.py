@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-STRATEGIES = ("default", "cpu", "cuda", "ddp", "zero")
+STRATEGIES = ("default", "cpu", "cuda", "ddp", "zero", "fsdp")
 LOGGERS = ("none", "tensorboard", "wandb")
 _RESAMPLE = ("step", "window")
 _ON_NONFINITE = ("raise", "skip")
@@ -251,7 +251,8 @@ class EngineConfig(_ReadOnlyOnceCompiled):
             same batches) with the new upper parameters.
         strategy: ``"default"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
             ``"ddp"`` (torch.distributed data parallel launched with torchrun) or ``"zero"``
-            (``"ddp"`` with each optimizer's state sharded across ranks: :mod:`mlopt.sharding`).
+            (``"ddp"`` with each optimizer's state sharded across ranks: :mod:`mlopt.sharding`)
+            or ``"fsdp"`` (``"ddp"`` with modules sharded by ``fully_shard``: :mod:`mlopt.fsdp`).
         device: explicit device string, overriding ``strategy``'s choice.
     """
 

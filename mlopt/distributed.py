@@ -41,6 +41,12 @@ def average_(tensors: Sequence[torch.Tensor], world: int) -> None:
         i += n
 
 
+def _sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 class DataParallel:
     """Process-group set-up and gradient averaging for ``EngineConfig(strategy="ddp")``."""
 
@@ -73,8 +79,9 @@ class DataParallel:
                     dist.broadcast(t, src=0)
 
     def reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
-        """Average the ``.grad`` of ``params`` over ranks."""
-        grads = [p.grad for p in params if p.grad is not None]
+        """Average the ``.grad`` of ``params`` over ranks (a ``DTensor`` gradient of a
+        ``fully_shard`` parameter is already the average: FSDP reduce-scattered it)."""
+        grads = [p.grad for p in params if p.grad is not None and not _sharded(p.grad)]
         average_(grads, self.world)
 
     def average_differentiable(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -59,7 +59,8 @@ class Engine:
 
     Override :meth:`validation` to evaluate every ``valid_step`` iterations. Under
     ``strategy="zero"``, ``engine.sharding`` maps each problem with an optimizer to ``"zero"`` or
-    to the reason its optimizer stays whole (:mod:`mlopt.sharding`).
+    to the reason its optimizer stays whole (:mod:`mlopt.sharding`); under ``strategy="fsdp"``,
+    to ``"fsdp"`` or the reason its module stays whole (:mod:`mlopt.fsdp`).
     """
 
     def __init__(
@@ -115,7 +116,7 @@ class Engine:
         self.device = choose_device(run)
         self.distributed = None
         services = Services()
-        if run.strategy in ("ddp", "zero"):
+        if run.strategy in ("ddp", "zero", "fsdp"):
             from mlopt.distributed import DataParallel
 
             self.distributed = DataParallel(self.device, run.strategy)
@@ -140,6 +141,13 @@ class Engine:
             self.sharding, self._unshard = shard_optimizers(
                 self.plan.problems, states, self.problems_by_name
             )
+        elif run.strategy == "fsdp":
+            from mlopt.fsdp import shard_modules
+
+            self.sharding, self._unshard = shard_modules(
+                self.plan.problems, states, self.problems_by_name, self.device
+            )
+            self.runtime.sharded = frozenset(n for n, d in self.sharding.items() if d == "fsdp")
         self.run_state = RunState(best_metric=run.initial_best)
         if resume is not None:
             self.load_checkpoint(resume)

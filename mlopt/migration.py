@@ -79,9 +79,11 @@ BETTY_STRATEGIES: dict[str, str] = {
     "distributed": "strategy='ddp' (torchrun)",
     "gpu": "strategy='cuda'",
     "fsdp": (
-        "not supported: fully_shard swaps a module's parameters inside its forward, which "
-        "mlopt's functional parameter substitution (fast weights, Hessian-vector products) "
-        "cannot see through; use strategy='zero' (optimizer state sharded) or 'ddp'"
+        "strategy='fsdp' (torch's fully_shard) for lowers with type 'first_order', "
+        "'finite_difference' or 'sama'; reverse, MAML (initialize_from), forward, cg, neumann "
+        "and fixed_point need functional parameter substitution or double backward through "
+        "the sharded module, which fully_shard does not support, and are refused: use "
+        "strategy='zero' (optimizer state sharded) or 'ddp' for them"
     ),
     "accelerate": "not supported; launch with torchrun and strategy='ddp'",
 }

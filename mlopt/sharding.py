@@ -31,7 +31,13 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from mlopt.errors import ConfigError
 
-__all__ = ["ShardedOptimizer", "keep_whole_reason", "shard_optimizers"]
+__all__ = [
+    "ShardedOptimizer",
+    "check_state_hooks",
+    "keep_whole_reason",
+    "move_step_hooks",
+    "shard_optimizers",
+]
 
 
 class ShardedOptimizer(ZeroRedundancyOptimizer):
@@ -97,15 +103,17 @@ _STATE_HOOKS = (
 )
 
 
-def _check_hooks(optimizer: torch.optim.Optimizer, name: str) -> None:
+def check_state_hooks(optimizer: torch.optim.Optimizer, name: str, strategy: str = "zero") -> None:
+    """Refuse an optimizer with ``state_dict`` hooks (they cannot move to its replacement)."""
     if any(getattr(optimizer, attr, None) for attr in _STATE_HOOKS):
         raise ConfigError(
-            f"problem {name!r}: its optimizer has state_dict hooks, which strategy='zero' "
+            f"problem {name!r}: its optimizer has state_dict hooks, which strategy={strategy!r} "
             "cannot carry to the sharded optimizer; remove them or use strategy='ddp'"
         )
 
 
-def _move_hooks(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+def move_step_hooks(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Register the step pre/post hooks of ``old`` on ``new``."""
     for attr, register in zip(
         _STEP_HOOKS, (new.register_step_pre_hook, new.register_step_post_hook)
     ):
@@ -133,7 +141,7 @@ def shard_optimizers(
         if reason is not None:
             decisions[name] = f"whole: {reason}"
             continue
-        _check_hooks(st.optimizer, name)
+        check_state_hooks(st.optimizer, name)
         decisions[name] = "zero"
     if "zero" not in decisions.values():
         raise ConfigError(
@@ -148,7 +156,7 @@ def shard_optimizers(
         st, problem = states[name], problems[name]
         old = st.optimizer
         new = ShardedOptimizer.like(old)
-        _move_hooks(old, new)
+        move_step_hooks(old, new)
         st.optimizer = problem.optimizer = new
         rebind = st.scheduler is not None and getattr(st.scheduler, "optimizer", None) is old
         if rebind:

@@ -45,7 +45,6 @@ def test_betty_config_messages(kwargs, match):
         ({"early_stopping_tolerance": 3}, r"mlopt: EngineConfig\(early_stopping_patience=\.\.\.\)"),
         ({"distributed": True}, r"distributed is Betty's option; mlopt: .*strategy='ddp'"),
         ({"strategy": "distributed"}, r"got 'distributed' \('distributed' is Betty's; in mlopt: "),
-        ({"strategy": "fsdp"}, r"got 'fsdp' \('fsdp' is Betty's; in mlopt: not supported: fully"),
         ({"strategy": "gpu"}, r"'gpu' is Betty's; in mlopt: strategy='cuda'"),
         ({"train_iter": 10}, r"EngineConfig got an unknown option 'train_iter'; .*'train_iters'"),
     ],
@@ -58,6 +57,13 @@ def test_betty_engine_config_messages(kwargs, match):
 def test_betty_zero_strategy_keeps_its_meaning():
     # Betty's strategy="zero" is DDP with ZeroRedundancyOptimizer: so is mlopt's
     assert mlopt.EngineConfig(strategy="zero").strategy == "zero"
+
+
+def test_betty_fsdp_strategy_is_fully_shard_for_first_order_methods():
+    from mlopt.migration import BETTY_STRATEGIES
+
+    assert mlopt.EngineConfig(strategy="fsdp").strategy == "fsdp"
+    assert "first_order" in BETTY_STRATEGIES["fsdp"] and "'zero'" in BETTY_STRATEGIES["fsdp"]
 
 
 def test_too_many_positional_config_arguments():

@@ -15,7 +15,6 @@ import torch
 import zero_worker as Z
 from helpers import torchrun_ranks
 
-import mlopt
 from mlopt.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -112,8 +111,3 @@ def test_zero_program_fails_whole_when_nothing_can_be_sharded():
     assert keep_whole_reason(Plan, State().optimizer).startswith("its updates are")
     with pytest.raises(ConfigError, match=r"strategy='zero'.*no problem's optimizer.*'ddp'"):
         shard_optimizers({"inner": Plan}, {"inner": State()}, {"inner": None})
-
-
-def test_fsdp_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match=r"strategy must be one of.*'fsdp'"):
-        mlopt.EngineConfig(strategy="fsdp")

@@ -65,7 +65,10 @@ def _per_tensor(lr: LearningRate, n: int) -> tuple[float | torch.Tensor, ...]:
             )
     out = []
     for value in lrs:
-        number = float(value.detach().reshape(-1)[0]) if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor):  # (counted: also for a sharded DTensor)
+            number = math.nan if float((~torch.isfinite(value.detach())).sum()) else 0.0
+        else:
+            number = value
         if isinstance(value, torch.Tensor):
             value = value.detach()
         if not isinstance(number, (int, float)) or not math.isfinite(number):

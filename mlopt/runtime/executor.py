@@ -34,7 +34,7 @@ from mlopt.runtime.pipeline import differentiable_update, optimizer_update, sche
 from mlopt.runtime.plan import Plan
 from mlopt.runtime.replay import Replay
 from mlopt.runtime.state import ProblemState
-from mlopt.step import all_finite, gradient, missing_loss, skip_or_raise, to_device
+from mlopt.step import all_finite, missing_loss, skip_or_raise, to_device
 
 if TYPE_CHECKING:
     from mlopt.problem import Problem
@@ -167,9 +167,7 @@ class Runtime(Replay):
                 return self.skip_or_raise(name, "loss")
             try:
                 target = loss if scaler is None else scaler.scale(loss)
-                grads = gradient(
-                    target, params, create_graph=keep_graph, name=None if pp.direct_lowers else name
-                )
+                grads = self.loss_gradient(name, target, params, keep_graph)
             except HypergradientError as err:  # a lower's solver diverged in the backward pass
                 if scaler is not None and scaler.get_scale() > 1.0:  # the scale overflowed it:
                     grads = tuple(torch.full_like(t, float("inf")) for t in params)  # skip, lower

@@ -21,9 +21,10 @@ import torch
 from mlopt.errors import DependencyError
 from mlopt.hypergrad import checkpointed as ckr
 from mlopt.hypergrad.base import attach
-from mlopt.runtime.context import Exposure, named_vjp
+from mlopt.runtime.context import named_vjp
 from mlopt.runtime.match import explicit_gradient
 from mlopt.runtime.pipeline import differentiable_update
+from mlopt.runtime.sharded import Sharded
 from mlopt.step import gradient
 
 __all__ = ["Replay", "missing_edge"]
@@ -43,7 +44,7 @@ def missing_edge(reader: str, name: str) -> DependencyError:
     )
 
 
-class Replay(Exposure):
+class Replay(Sharded):
     """What an upper sees of its lowers, and the segments of ``Reverse(checkpoint=k)``: open,
     record, close (join, also when an upper reads a lower in mid-segment) and replay."""
 
@@ -60,6 +61,8 @@ class Replay(Exposure):
                 self._reads.add((reader, name))
                 if (name, reader) in self._reads:
                     raise missing_edge(reader, name)
+            return None
+        if name in self.sharded:  # read through its sharded module (mlopt.runtime.sharded)
             return None
         if st.segment is not None:  # read in mid-segment: join it now
             self.close_segment(name)

@@ -66,7 +66,7 @@ class RunPlan:
         resume: the checkpoint to resume from (a path, True for the latest, None).
         early_stopping: the early-stopping rule, or None.
         roll_back: DARTS look-ahead semantics for lowers.
-        strategy: ``"default"``, ``"cpu"``, ``"cuda"``, ``"ddp"`` or ``"zero"``.
+        strategy: ``"default"``, ``"cpu"``, ``"cuda"``, ``"ddp"``, ``"zero"`` or ``"fsdp"``.
         device: the explicit device asked for, or None.
     """
 
