@@ -30,6 +30,8 @@ CASES = [
     ("meta_feature_omniglot", ["--method", "cg"]),
     ("meta_feature_omniglot", ["--method", "trhg"]),
     ("protonet_omniglot", ["--ways", "20"]),
+    ("protomaml_omniglot", []),
+    ("protomaml_omniglot", ["--ways", "20", "--jitter", "--test-augment", "2"]),
 ]
 
 
@@ -54,7 +56,9 @@ def test_example_smoke(script, extra, omniglot_root, examples_path, tmp_path):
         assert 0.0 <= result["lake_error_percent"] <= 100.0
 
 
-@pytest.mark.parametrize("script", ["protonet_omniglot", "maml_omniglot", "meta_feature_omniglot"])
+@pytest.mark.parametrize(
+    "script", ["protonet_omniglot", "maml_omniglot", "meta_feature_omniglot", "protomaml_omniglot"]
+)
 def test_all_characters_train_and_within_alphabet_tasks(script, omniglot_root, examples_path):
     module = importlib.import_module(script)
     args = ["--smoke", "--data", str(omniglot_root), "--ways", "20", "--held-out", "0"]
@@ -129,5 +133,66 @@ def test_ridge_head_meta_gradient_is_autograd_through_the_closed_form(method, ex
         got = {k: start[k] - v.detach() for k, v in embed.named_parameters()}
         for n, e in zip(names, expected):
             assert torch.allclose(got[n], e, atol=1e-9, rtol=1e-7), n
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_protomaml_meta_gradient_is_autograd_through_the_head_steps(steps, examples_path):
+    """Proto-MAML through the Engine (reverse mode through the head's SGD steps from the
+    prototype start) equals hand-written autograd: features of support and query in one batch,
+    prototypes, ``steps`` differentiable SGD steps of the learned size on ``ΔW, Δb`` from zero,
+    query loss; float64."""
+    import torch.nn.functional as F
+
+    import mlopt
+
+    pm = importlib.import_module("protomaml_omniglot")
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        ways, shots, queries, lr, decay = 3, 2, 2, 0.3, 0.05
+        sx, qx = torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28)
+        sy, qy = torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat(queries)
+        net = pm.Embedding(4, lr)
+        start = {k: v.detach().clone() for k, v in net.named_parameters()}
+        names = list(start)
+
+        # reference: the unrolled head steps written out with torch.autograd
+        emb = net(torch.cat([sx, qx]))
+        fs, fq = emb[: len(sx)], emb[len(sx) :]
+        protos = pm.prototypes(fs, sy, ways)
+        w, b = torch.zeros(ways, fs.shape[1], requires_grad=True), torch.zeros(ways)
+        b.requires_grad_(True)
+        for _ in range(steps):
+            inner = F.cross_entropy(pm.proto_logits(fs, protos, w, b), sy)
+            inner = inner + 0.5 * decay * w.pow(2).sum()
+            gw, gb = torch.autograd.grad(inner, (w, b), create_graph=True)
+            alpha = net.log_lr.exp()  # the meta-learned step size
+            w, b = w - alpha * gw, b - alpha * gb
+        outer = F.cross_entropy(pm.proto_logits(fq, protos, w, b), qy)
+        params = dict(net.named_parameters())
+        expected = torch.autograd.grad(outer, [params[n] for n in names])
+        assert all(e.abs().sum() > 0 for e in expected)  # log_lr included
+
+        head = torch.nn.Linear(net.feature_dim, ways)
+        low = pm.ProtoHead(
+            "head",
+            head,
+            torch.optim.SGD(head.parameters(), lr=1.0),
+            train_data_loader=[(sx, sy, qx, qy)] * 2,
+            config=mlopt.Config(unroll_steps=steps, resample="window"),
+            decay=decay,
+        )
+        up = pm.Features("features", net, torch.optim.SGD(net.parameters(), lr=1.0))
+        mlopt.Engine(
+            [up, low],
+            {"u2l": {up: [low]}, "l2u": {low: [up]}},
+            mlopt.EngineConfig(train_iters=steps),
+        ).run()
+        got = {k: start[k] - v.detach() for k, v in net.named_parameters()}
+        for n, e in zip(names, expected):
+            assert torch.allclose(got[n], e, atol=1e-10, rtol=1e-8), n
     finally:
         torch.set_default_dtype(dtype)
