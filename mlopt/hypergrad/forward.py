@@ -193,7 +193,9 @@ def _push_chunk(
 
     def push(z_row: Vec, e_row: Vec) -> tuple[Vec, Vec]:
         out, tangent = jvp(step_fn, (state, uppers), (z_row, e_row))
-        return tuple(out), tuple(tangent)
+        # a tangent has its primal's dtype: torch 2.13's forward-over-reverse can promote it to
+        # float64 (Python-number factors such as ``0.5 * lam * s`` with a 0-d ``lam``)
+        return tuple(out), tuple(t.to(o.dtype) for t, o in zip(tangent, out, strict=True))
 
     if vectorize:
         return vmap(push, out_dims=(None, 0))(z, basis)
