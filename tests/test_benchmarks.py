@@ -86,3 +86,18 @@ def test_run_all_writes_the_table_between_the_markers(tmp_path, monkeypatch):
     assert results["units"] == 1 and json.loads(out.read_text())["machine"]
     run_all.main(["--from-json", str(out), "--doc", str(doc)])  # re-rendering gives the same
     assert doc.read_text() == text
+
+
+def test_cost_model_smoke(tmp_path):
+    import cost_model
+
+    out = tmp_path / "cost.json"
+    args = ["--smoke", "--units", "1", "--processes", "1", "--T", "3", "--out", str(out)]
+    results = cost_model.main(args + ["--only", "reverse", "cg 10", "forward"])
+    rows = results["methods"]
+    assert set(rows) == {"reverse", "cg 10", "forward"}
+    assert rows["reverse"]["floor_units"] == {"g": 3, "hvp": 3, "up": 1}
+    assert rows["cg 10"]["floor_units"] == {"g": 3, "hvp": 11, "up": 1}
+    assert all(r["ratio"] > 0 and r["peak_mb"] >= 0 for r in rows.values())
+    assert rows["forward"]["ratio_jvp"] > 0 and "ratio_jvp" not in rows["reverse"]
+    assert json.loads(out.read_text())["T"] == 3
