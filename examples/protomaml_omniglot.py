@@ -27,7 +27,7 @@ alone (``test_steps_0``): what the head's adaptation adds.
 Run::
 
     python examples/protomaml_omniglot.py --ways 20 --held-out 0 --within-alphabet \
-        --train-ways 20 --jitter --test-augment 4 --minutes 45 --out results/protomaml.json
+        --train-ways 20 --jitter --lr-halve-every 2000 --minutes 45 --out results/protomaml.json
     python examples/protomaml_omniglot.py --smoke
 """
 
@@ -166,11 +166,14 @@ def build(args, train, ways: int):
         config=mlopt.Config(unroll_steps=args.inner_steps, resample="window"),
         decay=args.decay,
     )
+    opt = torch.optim.Adam(net.parameters(), lr=args.outer_lr)
+    halve = args.lr_halve_every  # Snell et al.'s schedule: halve every 2000 episodes
     up = Features(
         "features",
         net,
-        torch.optim.Adam(net.parameters(), lr=args.outer_lr),
+        opt,
         config=mlopt.Config(gradient_accumulation=args.meta_batch),
+        scheduler=torch.optim.lr_scheduler.StepLR(opt, halve, 0.5) if halve else None,
     )
     return net, up, low
 
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decay", type=float, default=0.0, help="L2 penalty on the head's offsets")
     p.add_argument("--jitter", action="store_true", help="random affine distortions (train)")
     p.add_argument("--test-augment", type=int, default=0, help="jittered copies per support")
+    p.add_argument(
+        "--lr-halve-every", type=int, default=0, help="halve the outer lr every N meta-updates"
+    )
     args = p.parse_args(argv)
     common.setup(args)
     train, test, runs = common.load_data(args)
@@ -203,9 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = common.evaluate(args, predictor(args.test_steps, args.test_augment), test, runs)
     # diagnostics, not the result: the prototype start alone, and other test-time settings
     results["test_steps_0"] = score(0, args.test_augment)
-    if args.test_augment:  # the same model without test-time augmentation
-        results["without_test_augment"] = score(args.test_steps, 0)
-        results["without_test_augment_steps_0"] = score(0, 0)
+    other = 0 if args.test_augment else 4  # the same model with(out) test-time augmentation
+    results[f"test_augment_{other}"] = score(args.test_steps, other)
+    results[f"test_augment_{other}_steps_0"] = score(0, other)
     results["diagnostics_test_lr_x_steps"] = {
         f"{scale}x{steps}": score(steps, args.test_augment, scale)
         for scale in (0.3, 3.0)

@@ -32,6 +32,7 @@ CASES = [
     ("protonet_omniglot", ["--ways", "20"]),
     ("protomaml_omniglot", []),
     ("protomaml_omniglot", ["--ways", "20", "--jitter", "--test-augment", "2"]),
+    ("protomaml_omniglot", ["--lr-halve-every", "1"]),
 ]
 
 
