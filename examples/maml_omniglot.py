@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None, name: str = "maml", **defaults) -> dict:
     # engine: fastest on a CPU (benchmarks/maml_benchmark.py); vmap/auto: for GPUs
     p.add_argument("--path", choices=["engine", "auto", "vmap", "loop"], default="engine")
     p.add_argument("--first-order", action="store_true", help="FOMAML")
+    p.add_argument(
+        "--extra-test-steps", type=int, default=None, help="also score with this many test steps"
+    )
     args = p.parse_args(argv)
     common.setup(args)
     train, test, runs = common.load_data(args)
@@ -125,6 +128,12 @@ def main(argv: list[str] | None = None, name: str = "maml", **defaults) -> dict:
     train_seconds = time.perf_counter() - t0
     predict = common.maml_predictor(net, args.test_steps, args.inner_lr)
     results = common.evaluate(args, predict, test, runs)
+    if args.extra_test_steps is not None:  # the same model adapted for another number of steps
+        other = common.maml_predictor(net, args.extra_test_steps, args.inner_lr)
+        extra = common.evaluate(args, other, test, runs)
+        results[f"test_steps_{args.extra_test_steps}"] = {
+            k: v for k, v in extra.items() if k != "eval_seconds"
+        }
     results.update(
         meta_updates=int(engine.iteration * per_iter), train_seconds=round(train_seconds, 1)
     )

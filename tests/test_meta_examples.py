@@ -15,7 +15,7 @@ from mlopt.errors import ConfigError
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 CASES = [
-    ("maml_omniglot", ["--path", "engine"]),
+    ("maml_omniglot", ["--path", "engine", "--extra-test-steps", "2"]),
     ("maml_omniglot", ["--path", "vmap", "--ways", "20"]),
     ("fomaml_omniglot", []),
     ("reptile_omniglot", []),
@@ -53,6 +53,8 @@ def test_example_smoke(script, extra, omniglot_root, examples_path, tmp_path):
     assert out.is_file()
     assert 0.0 <= result["accuracy"] <= 1.0 and result["tasks"] == 3
     assert math.isfinite(result["ci95"])
+    if "--extra-test-steps" in extra:
+        assert 0.0 <= result["test_steps_2"]["accuracy"] <= 1.0
     if "--ways" in extra and extra[extra.index("--ways") + 1] == "20":
         assert 0.0 <= result["lake_error_percent"] <= 100.0
 
