@@ -48,7 +48,9 @@ from overhead_workloads import _rhg_setup, rhg_loss, rhg_mlopt  # noqa: E402
 
 from mlopt.hypergrad import CG, MINRES, FixedPoint, Neumann, Reverse  # noqa: E402
 
-__all__ = ["METHODS", "floor_units", "main", "measure_units"]
+__all__ = ["BEGIN", "END", "METHODS", "floor_units", "main", "measure_units", "render"]
+
+BEGIN, END = "<!-- begin: cost-model -->", "<!-- end: cost-model -->"
 
 K = 10  # iterations of the implicit methods, steps kept by the truncated reverse
 #: name -> (Config type, floor in units (g, hvp) as a function of T)
@@ -147,6 +149,42 @@ def measure_units(method: str, T: int, units: int, d: int, hidden: int) -> dict:
         "peak_mb": peak,
         "floor_units": {"g": n_g, "hvp": n_hvp, "up": 1},
     }
+
+
+def _floor_text(units: dict) -> str:
+    parts = [f"{n} g" if n != 1 else "g" for n in [units["g"]] if n]
+    parts += [f"{units['hvp']} hvp"] if units["hvp"] else []
+    return " + ".join(parts + ["up"])
+
+
+def render(results: dict) -> str:
+    """The markdown table of :func:`main`'s results (docs/benchmarks.md, "Cost model")."""
+    T, units = results["T"], results["methods"]
+    lines = [
+        f"T = {T} lower updates per upper update, K = {results['K']}; median over "
+        f"{results['processes']} processes of the median of {results['units']} units. Units "
+        "(plain PyTorch, same process): g = one lower gradient and SGD update, hvp = one "
+        "Hessian-vector product, up = the upper's gradient.",
+        "",
+        "| method | mlopt per upper update | floor | floor (ms) | mlopt / floor | peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in units.items():
+        ratio = f"{r['ratio']:.2f}x"
+        if "ratio_jvp" in r:
+            ratio += f" ({r['ratio_jvp']:.2f}x against T g + T jvp: jvp = {r['jvp'] * 1e3:.1f} ms)"
+        lines.append(
+            f"| {name} | {r['mlopt'] * 1e3:.1f} ms | {_floor_text(r['floor_units'])} | "
+            f"{r['floor_s'] * 1e3:.1f} | {ratio} | {r['peak_mb']:.0f} |"
+        )
+    first = next(iter(units.values()), None)
+    if first is not None:
+        lines += [
+            "",
+            f"Units in the first row's processes: g {first['g'] * 1e3:.2f} ms, hvp "
+            f"{first['hvp'] * 1e3:.2f} ms, up {first['up'] * 1e3:.2f} ms.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:

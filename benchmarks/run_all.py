@@ -4,7 +4,9 @@ One command for the Engine-overhead table (mlopt, plain PyTorch, TorchOpt and hi
 run; benchmarks/engine_overhead.py), written between the markers
 ``<!-- begin: engine-overhead -->`` and ``<!-- end: engine-overhead -->`` of docs/benchmarks.md
 with the machine, the versions and the date, and the raw numbers in
-docs/results/engine_overhead.json. Run it on a quiet machine (nothing else running)::
+docs/results/engine_overhead.json; then the measured cost model (benchmarks/cost_model.py)
+between ``<!-- begin: cost-model -->`` and ``<!-- end: cost-model -->``, raw numbers in
+docs/results/cost_model.json. Run it on a quiet machine (nothing else running)::
 
     OMP_NUM_THREADS=1 python benchmarks/run_all.py             # about 3 minutes
     python benchmarks/run_all.py --from-json docs/results/engine_overhead.json   # re-render
@@ -100,14 +102,14 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: str, text: str) -> None:
-    """Replace what lies between the markers in ``path`` by ``text``."""
+def write_section(path: str, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` in ``path`` by ``text``."""
     with open(path) as f:
         doc = f.read()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path}: the markers {BEGIN} / {END} are missing")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    doc = pattern.sub(lambda _: f"{BEGIN}\n{text}{END}", doc)
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path}: the markers {begin} / {end} are missing")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    doc = pattern.sub(lambda _: f"{begin}\n{text}{end}", doc)
     with open(path, "w") as f:
         f.write(doc)
 
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--interleaved", type=int, default=7, help="rounds of the one-process run")
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "engine_overhead.json"))
+    p.add_argument("--cost-out", default=os.path.join(ROOT, "docs", "results", "cost_model.json"))
+    p.add_argument("--no-cost-model", action="store_true", help="only the overhead table")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (tests)")
     args = p.parse_args(argv)
     if args.from_json:
@@ -141,6 +145,20 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     write_section(args.doc, render(results))
+    if not args.no_cost_model:
+        import cost_model
+
+        if args.from_json:
+            with open(args.cost_out) as f:
+                cost = json.load(f)
+        else:
+            run = ["--units", str(args.units), "--processes", str(args.processes)]
+            cost = cost_model.main(run + (["--smoke"] if args.smoke else []))
+            cost.update(machine=results.get("machine"), date=results.get("date"))
+            with open(args.cost_out, "w") as f:
+                json.dump(cost, f, indent=1)
+        write_section(args.doc, cost_model.render(cost), cost_model.BEGIN, cost_model.END)
+        results["cost_model"] = cost
     return results
 
 

@@ -75,16 +75,23 @@ def test_run_all_writes_the_table_between_the_markers(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLOPT_PEERS_VENV", str(tmp_path / "no-such-venv"))
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# title\n\n{run_all.BEGIN}\nSTALE-TABLE\n{run_all.END}\n\nkept\n")
-    out = tmp_path / "overhead.json"
+    import cost_model
+
+    doc.write_text(
+        f"# title\n\n{run_all.BEGIN}\nSTALE-TABLE\n{run_all.END}\n\n"
+        f"{cost_model.BEGIN}\nSTALE-COSTS\n{cost_model.END}\n\nkept\n"
+    )
+    out, cost = tmp_path / "overhead.json", tmp_path / "cost.json"
     args = ["--smoke", "--units", "1", "--processes", "1", "--doc", str(doc), "--out", str(out)]
-    args += ["--interleaved", "1"]
+    args += ["--interleaved", "1", "--cost-out", str(cost)]
     results = run_all.main(args)
     text = doc.read_text()
     assert "STALE-TABLE" not in text and text.endswith("kept\n") and "| implicit HPO" in text
+    assert "STALE-COSTS" not in text and "| cg 10 |" in text and json.loads(cost.read_text())
     assert "not run" in text  # the peers, recorded as skipped
     assert results["units"] == 1 and json.loads(out.read_text())["machine"]
-    run_all.main(["--from-json", str(out), "--doc", str(doc)])  # re-rendering gives the same
+    rerender = ["--from-json", str(out), "--cost-out", str(cost), "--doc", str(doc)]
+    run_all.main(rerender)  # re-rendering gives the same
     assert doc.read_text() == text
 
 
