@@ -49,7 +49,7 @@ from mlopt.errors import ConfigError
 from mlopt.hypergrad.first_order import FirstOrder
 from mlopt.hypergrad.methods import FiniteDifference
 from mlopt.hypergrad.sama import SAMA
-from mlopt.sharding import check_state_hooks, move_step_hooks
+from mlopt.sharding import check_state_hooks, swap_optimizer, undo_all
 
 __all__ = ["SUPPORTED", "refusal", "keep_whole_reason", "shard_modules"]
 
@@ -177,12 +177,7 @@ def _shard_one(st: Any, problem: Any, mesh: Any) -> Callable[[], None]:
     new.register_load_state_dict_pre_hook(_shard_optimizer_state)
     if saved is not None:
         new.load_state_dict(saved)
-    move_step_hooks(old, new)
-    st.optimizer = problem.optimizer = new
-    rebind = st.scheduler is not None and getattr(st.scheduler, "optimizer", None) is old
-    if rebind:
-        st.scheduler.optimizer = new
-    return functools.partial(_put_back, st, problem, old, rebind)
+    return swap_optimizer(st, problem, new)
 
 
 def shard_modules(
@@ -224,15 +219,4 @@ def shard_modules(
         )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     undo = [_shard_one(states[n], problems[n], mesh) for n, d in decisions.items() if d == "fsdp"]
-
-    def restore() -> None:
-        for f in undo:
-            f()
-
-    return decisions, restore
-
-
-def _put_back(st: Any, problem: Any, old: torch.optim.Optimizer, rebind: bool) -> None:
-    st.optimizer = problem.optimizer = old
-    if rebind:
-        st.scheduler.optimizer = old
+    return decisions, functools.partial(undo_all, undo)

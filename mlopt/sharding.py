@@ -37,6 +37,8 @@ __all__ = [
     "keep_whole_reason",
     "move_step_hooks",
     "shard_optimizers",
+    "swap_optimizer",
+    "undo_all",
 ]
 
 
@@ -154,20 +156,27 @@ def shard_optimizers(
         if decision != "zero":
             continue
         st, problem = states[name], problems[name]
-        old = st.optimizer
-        new = ShardedOptimizer.like(old)
-        move_step_hooks(old, new)
-        st.optimizer = problem.optimizer = new
-        rebind = st.scheduler is not None and getattr(st.scheduler, "optimizer", None) is old
-        if rebind:
-            st.scheduler.optimizer = new
-        undo.append(functools.partial(_put_back, st, problem, old, rebind))
+        undo.append(swap_optimizer(st, problem, ShardedOptimizer.like(st.optimizer)))
+    return decisions, functools.partial(undo_all, undo)
 
-    def restore() -> None:
-        for f in undo:
-            f()
 
-    return decisions, restore
+def swap_optimizer(st: Any, problem: Any, new: torch.optim.Optimizer) -> Callable[[], None]:
+    """Make ``new`` the optimizer of the problem (its state ``st`` and the ``problem`` object):
+    the old one's step hooks move to it and an lr scheduler of the old one is rebound. Returns
+    the function that puts the old optimizer back."""
+    old = st.optimizer
+    move_step_hooks(old, new)
+    st.optimizer = problem.optimizer = new
+    rebind = st.scheduler is not None and getattr(st.scheduler, "optimizer", None) is old
+    if rebind:
+        st.scheduler.optimizer = new
+    return functools.partial(_put_back, st, problem, old, rebind)
+
+
+def undo_all(undo: list[Callable[[], None]]) -> None:
+    """Call every function of ``undo`` (the put-backs of :func:`swap_optimizer`)."""
+    for f in undo:
+        f()
 
 
 def _put_back(st: Any, problem: Any, old: torch.optim.Optimizer, rebind: bool) -> None:
