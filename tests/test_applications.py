@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import sys
@@ -102,6 +103,22 @@ def test_darts_smoke():
         out = ds.main(["--smoke", "--order", order])
         assert len(out["genotype"]["normal"]) == 2 * 3
         assert finite(out["test_acc"], out["supernet_val_acc"])
+        assert out["search_updates"] == {"arch": 1, "network": 1}
+
+
+def test_darts_mnist1d_is_optional(monkeypatch):
+    ds = load("darts_search")
+    monkeypatch.setitem(sys.modules, "mnist1d", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(SystemExit, match="pip install mnist1d"):
+        ds.main(["--smoke", "--data", "mnist1d"])
+
+
+def test_darts_mnist1d_smoke():
+    pytest.importorskip("mnist1d")
+    ds = load("darts_search")
+    out = ds.main(["--smoke", "--data", "mnist1d", "--order", "2"])
+    assert finite(out["test_acc"], out["supernet_val_acc"])
 
 
 def test_derive_genotype_picks_strongest_non_none_edges():
@@ -160,6 +177,42 @@ def test_meta_weight_net_smoke():
     assert finite(row["plain"], row["class_balanced"], row["meta_weight_net"])
     counts = row["train_counts"]
     assert counts[0] == 100 and counts[-1] == 2  # imbalance factor 50
+    assert row["noise_fraction"] == 0.0 and row["classifier_updates"] == 5
+
+
+@pytest.mark.parametrize("noise", ["uniform", "flip"])
+def test_meta_weight_net_noisy_smoke(noise):
+    mwn = load("meta_weight_net")
+    out = mwn.main(["--smoke", "--imbalance", "1", "--noise", noise, "--noise-rate", "0.4"])
+    row = out["rows"][0]
+    assert finite(row["plain"], row["plain_with_meta"], row["meta_weight_net"])
+    assert row["noise_fraction"] == pytest.approx(0.4)
+    assert row["classifier_updates"] == row["weighting_updates"] == 5
+
+
+def test_meta_weight_net_noise_is_as_specified():
+    mwn = load("meta_weight_net")
+    y = torch.arange(10).repeat_interleave(100)  # 100 examples of each class
+    for seed in (0, 1):
+        noisy = mwn.corrupt_labels(y, "uniform", 0.4, seed)
+        assert int((noisy != y).sum()) == 400  # exactly the rate, always to another class
+        assert torch.equal(noisy, mwn.corrupt_labels(y, "uniform", 0.4, seed))  # seeded
+        assert len(noisy[noisy != y].unique()) == 10  # targets spread over the classes
+        flipped = mwn.corrupt_labels(y, "flip", 0.2, seed)
+        for c in range(10):
+            wrong = flipped[(y == c) & (flipped != y)]
+            assert len(wrong) == 20 and len(wrong.unique()) == 1 and int(wrong[0]) != c
+    assert not torch.equal(mwn.corrupt_labels(y, "uniform", 0.4, 0), noisy)  # seed matters
+    assert torch.equal(mwn.corrupt_labels(y, "none", 0.4, 0), y)
+    # Only the training labels are corrupted: features, meta and test sets are the clean ones.
+    args = argparse.Namespace(imbalance=1.0, meta_per_class=5, noise="uniform", noise_rate=0.6)
+    train, meta, test, clean_y = mwn.make_data(3, args)
+    ref_train, ref_meta, ref_test = mwn.imbalanced_digits(3, 1.0, meta_per_class=5)
+    assert torch.equal(train[0], ref_train[0]) and torch.equal(clean_y, ref_train[1])
+    assert float((train[1] != clean_y).float().mean()) == pytest.approx(0.6)
+    for got, ref in ((meta, ref_meta), (test, ref_test)):
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert len(train[1]) == 1000 and torch.bincount(meta[1]).tolist() == [5] * 10
 
 
 # ---------------------------------------------------------------------- HPO
