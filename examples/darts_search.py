@@ -17,7 +17,9 @@ baseline.
 Spaces (``--space``):
 
 - ``small``: 5 operations, 3 nodes per cell, 3 cells, on scikit-learn's 8x8 digits (real
-  handwritten images, offline): searches and evaluates in minutes on a CPU.
+  handwritten images, offline): searches and evaluates in minutes on a CPU; ``--data mnist1d``
+  uses MNIST-1D instead (much harder for small networks; needs the optional ``mnist1d``
+  package, which generates it offline).
 - ``cifar``: the standard CIFAR-10 space (8 operations, 4 nodes, 8 cells, C=16, batch 64) on
   CIFAR-10 through torchvision (``--root``), meant for a GPU; ``--data random`` feeds random
   32x32 images to check the plumbing without the data set.
@@ -101,6 +103,34 @@ def load_digits_images(seed: int):
     return (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), 10
 
 
+def load_mnist1d(seed: int):
+    """MNIST-1D (Greydanus 2020), generated offline by the optional ``mnist1d`` package.
+
+    The standard data set (``get_dataset_args()``: 5000 signals of length 40, its own seed 42):
+    its 4000 training signals are split by ``seed`` into search-train / search-val (2000 each),
+    its 1000 test signals are the test set. Signals become 1x1x40 "images", so the 3x3
+    operations of the small space act as width-3 1D convolutions (the padding rows are zeros).
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:  # not a dependency of mlopt: only this option needs it
+        raise SystemExit(
+            f"--data mnist1d needs the mnist1d package and its dependencies ({err}); "
+            "`pip install mnist1d` (it generates the data offline, no download)"
+        ) from err
+    data = make_dataset(get_dataset_args())
+
+    def prep(x, y):
+        x = torch.as_tensor(x, dtype=torch.float32).reshape(len(x), 1, 1, -1)
+        return x, torch.as_tensor(y, dtype=torch.long)
+
+    x, y = prep(data["x"], data["y"])
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    half = len(y) // 2
+    tr, va = perm[:half], perm[half:]
+    return (x[tr], y[tr]), (x[va], y[va]), prep(data["x_test"], data["y_test"]), 10
+
+
 def load_cifar(root: str, data: str, smoke: bool):
     if data == "random":
         g = torch.Generator().manual_seed(0)
@@ -180,7 +210,7 @@ def search(args, train, val, num_classes, in_channels, device) -> dict:
         ),
     )
     start = time.perf_counter()
-    engine.run()
+    stats = engine.run()
     seconds = time.perf_counter() - start
     genotype = derive_genotype(
         arch.normal, arch.reduce, space["steps"], space["primitives"], space["steps"]
@@ -192,6 +222,7 @@ def search(args, train, val, num_classes, in_channels, device) -> dict:
         "genotype": genotype._asdict(),
         "search_seconds": seconds,
         "search_iterations": iters,
+        "search_updates": stats["updates"],
         "supernet_val_acc": supernet_acc,
         "alphas_normal": F.softmax(a_n, -1).cpu().tolist(),
         "alphas_reduce": F.softmax(a_r, -1).cpu().tolist(),
@@ -236,7 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="seconds, for tests")
     parser.add_argument("--space", default="small", choices=list(SPACES))
-    parser.add_argument("--data", default=None, help="digits (small) | cifar10 | random")
+    parser.add_argument(
+        "--data", default=None, help="digits | mnist1d (small space) | cifar10 | random (cifar)"
+    )
     parser.add_argument("--root", default="~/data", help="torchvision data folder (cifar)")
     parser.add_argument("--order", type=int, default=2, choices=[1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="search epochs")
@@ -272,8 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
             args.layers, args.batch_size, args.data = 2, 16, "random"
     torch.set_num_threads(1) if args.device == "cpu" else None
     torch.manual_seed(args.seed)
-    if args.data == "digits":
-        train, val, test, num_classes = load_digits_images(args.seed)
+    if args.data in ("digits", "mnist1d"):
+        load = load_digits_images if args.data == "digits" else load_mnist1d
+        train, val, test, num_classes = load(args.seed)
         if args.smoke:
             train, val = (tuple(t[:64] for t in train), tuple(t[:64] for t in val))
     else:
