@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 import mlopt
-from mlopt.data import EpisodicSampler
 from mlopt.hypergrad import CG, LowerContext, Method, Reverse, Vec, implicit_method_vjp
 from mlopt.meta import adapt, reset_parameters
 from mlopt.models import Conv4
@@ -186,16 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     ways = args.train_ways or args.ways
     embed = Embedding(args.hidden, args.batch_norm if ridge else "transductive", args.lam)
     head = torch.nn.Linear(embed.feature_dim, ways, bias=not ridge)
-    sampler_cls = common.JitteredSampler if args.jitter else EpisodicSampler
-    stream = sampler_cls(
-        train,
-        ways,
-        args.shots,
-        args.queries,
-        seed=args.seed,
-        augment="rotate",
-        groups=common.alphabets(train) if args.within_alphabet else None,
-    )
+    stream = common.task_stream(args, train, ways)
     if ridge:
         opt = NewtonStep(head.parameters())
         method = RidgeImplicit(opt) if args.method == "ridge" else CG(args.cg_steps, tol=1e-6)

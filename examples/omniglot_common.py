@@ -126,11 +126,20 @@ def alphabets(data: Any) -> list[str]:
     return [alphabet for alphabet, _ in data.characters]
 
 
-def task_stream(args: argparse.Namespace, train: Any) -> EpisodicSampler:
-    """Meta-training tasks: rotated classes are new classes (Santoro et al. 2016)."""
+def task_stream(args: argparse.Namespace, train: Any, ways: int | None = None) -> EpisodicSampler:
+    """Meta-training tasks of ``ways`` classes (default ``--ways``): rotated classes are new
+    classes (Santoro et al. 2016); with ``--jitter`` (where a script has it) the images also get
+    :func:`jitter` (:class:`JitteredSampler`)."""
     groups = alphabets(train) if args.within_alphabet else None
-    return EpisodicSampler(
-        train, args.ways, args.shots, args.queries, seed=args.seed, augment="rotate", groups=groups
+    sampler = JitteredSampler if getattr(args, "jitter", False) else EpisodicSampler
+    return sampler(
+        train,
+        args.ways if ways is None else ways,
+        args.shots,
+        args.queries,
+        seed=args.seed,
+        augment="rotate",
+        groups=groups,
     )
 
 

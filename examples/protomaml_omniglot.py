@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 import mlopt
-from mlopt.data import EpisodicSampler
 from mlopt.meta import adapt, reset_parameters
 from mlopt.models import Conv4
 
@@ -148,16 +147,7 @@ def build(args, train, ways: int):
     """The Conv4, the two problems, and the task stream of ``args``."""
     net = Embedding(args.hidden, args.inner_lr)
     head = torch.nn.Linear(net.feature_dim, ways)
-    sampler_cls = common.JitteredSampler if args.jitter else EpisodicSampler
-    stream = sampler_cls(
-        train,
-        ways,
-        args.shots,
-        args.queries,
-        seed=args.seed,
-        augment="rotate",
-        groups=common.alphabets(train) if args.within_alphabet else None,
-    )
+    stream = common.task_stream(args, train, ways)
     low = ProtoHead(
         "head",
         head,
