@@ -8,7 +8,7 @@ docs/results/engine_overhead.json; then the measured cost model (benchmarks/cost
 between ``<!-- begin: cost-model -->`` and ``<!-- end: cost-model -->``, raw numbers in
 docs/results/cost_model.json. Run it on a quiet machine (nothing else running)::
 
-    OMP_NUM_THREADS=1 python benchmarks/run_all.py             # about 3 minutes
+    OMP_NUM_THREADS=1 python benchmarks/run_all.py             # about 10 minutes
     python benchmarks/run_all.py --from-json docs/results/engine_overhead.json   # re-render
 
 Example (rendering only)::
