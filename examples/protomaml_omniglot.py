@@ -21,8 +21,10 @@ every inner step (the features do not change within a task's unroll).
 For Lake's one-shot runs: ``--held-out 0 --ways 20 --within-alphabet --train-ways 20 --jitter``
 (the ProtoNet's best training protocol); ``--test-augment K`` adds ``K`` jittered copies of each
 support image at test time (more support rows, for the prototypes and the head's steps; nothing
-uses the structure of the query images). The results also give the error of the prototype start
-alone (``test_steps_0``): what the head's adaptation adds.
+uses the structure of the query images), and ``--train-copies K`` does the same in training, so
+that the head's steps have support rows other than the prototypes' own to fit (at one shot and
+no copies, each class's only support row is its prototype). The results also give the error of
+the prototype start alone (``test_steps_0``): what the head's adaptation adds.
 
 Run::
 
@@ -77,10 +79,12 @@ class ProtoHead(mlopt.Problem):
     """Lower: the head's offsets ``Δ`` from the prototype start, on ``α`` times the support loss
     (SGD at rate 1: steps of size ``α``)."""
 
-    def __init__(self, *a, decay: float = 0.0, **k):
+    def __init__(self, *a, decay: float = 0.0, copies: int = 0, seed: int = 0, **k):
         super().__init__(*a, **k)
         self.decay = decay
-        self.cache = None  # (support features, query features, prototypes) of the task
+        self.copies = copies  # jittered copies of each support image, in training
+        self.gen = torch.Generator().manual_seed(seed + 2)
+        self.cache = None  # (support features, labels, query features, prototypes) of the task
 
     def on_inner_loop_start(self):
         reset_parameters(self)  # Δ = 0: every task starts at its ProtoNet head
@@ -90,15 +94,18 @@ class ProtoHead(mlopt.Problem):
         """Support and query features in one Conv4 batch, once per task (unroll window)."""
         if self.cache is None:
             sx, sy, qx, _ = task
+            if self.copies:  # more support rows for the prototypes and the head's steps
+                extra = [common.jitter(sx, generator=self.gen) for _ in range(self.copies)]
+                sx, sy = torch.cat([sx, *extra]), sy.repeat(self.copies + 1)
             emb = self.features(torch.cat([sx, qx]))
             fs, fq = emb[: len(sx)], emb[len(sx) :]
-            self.cache = fs, fq, prototypes(fs, sy, self.module.out_features)
+            self.cache = fs, sy, fq, prototypes(fs, sy, self.module.out_features)
         return self.cache
 
     def training_step(self, task):
-        fs, _, protos = self.features_of(task)
+        fs, sy, _, protos = self.features_of(task)
         w, b = self.module.weight, self.module.bias
-        loss = F.cross_entropy(proto_logits(fs, protos, w, b), task[1])
+        loss = F.cross_entropy(proto_logits(fs, protos, w, b), sy)
         alpha = self.features.module.log_lr.exp()
         return alpha * (loss + 0.5 * self.decay * w.pow(2).sum())
 
@@ -108,7 +115,7 @@ class Features(mlopt.Problem):
 
     def training_step(self, batch):
         task = self.head.batch
-        _, fq, protos = self.head.features_of(task)
+        _, _, fq, protos = self.head.features_of(task)
         h = self.head.module
         logits = proto_logits(fq, protos, h.weight, h.bias)
         qy = task[3]
@@ -155,6 +162,8 @@ def build(args, train, ways: int):
         train_data_loader=stream,
         config=mlopt.Config(unroll_steps=args.inner_steps, resample="window"),
         decay=args.decay,
+        copies=args.train_copies,
+        seed=args.seed,
     )
     opt = torch.optim.Adam(net.parameters(), lr=args.outer_lr)
     halve = args.lr_halve_every  # Snell et al.'s schedule: halve every 2000 episodes
@@ -176,6 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decay", type=float, default=0.0, help="L2 penalty on the head's offsets")
     p.add_argument("--jitter", action="store_true", help="random affine distortions (train)")
     p.add_argument("--test-augment", type=int, default=0, help="jittered copies per support")
+    p.add_argument(
+        "--train-copies", type=int, default=0, help="jittered copies per support (training)"
+    )
     p.add_argument(
         "--lr-halve-every", type=int, default=0, help="halve the outer lr every N meta-updates"
     )

@@ -33,6 +33,7 @@ CASES = [
     ("protomaml_omniglot", []),
     ("protomaml_omniglot", ["--ways", "20", "--jitter", "--test-augment", "2"]),
     ("protomaml_omniglot", ["--lr-halve-every", "1"]),
+    ("protomaml_omniglot", ["--ways", "20", "--jitter", "--train-copies", "2"]),
 ]
 
 
@@ -140,12 +141,13 @@ def test_ridge_head_meta_gradient_is_autograd_through_the_closed_form(method, ex
         torch.set_default_dtype(dtype)
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_protomaml_meta_gradient_is_autograd_through_the_head_steps(steps, examples_path):
+@pytest.mark.parametrize("steps,copies", [(1, 0), (3, 0), (2, 2)])
+def test_protomaml_meta_gradient_is_autograd_through_the_head_steps(steps, copies, examples_path):
     """Proto-MAML through the Engine (reverse mode through the head's SGD steps from the
     prototype start) equals hand-written autograd: features of support and query in one batch,
     prototypes, ``steps`` differentiable SGD steps of the learned size on ``ΔW, Δb`` from zero,
-    query loss; float64."""
+    query loss; float64. With ``copies``, the support holds that many jittered copies of each
+    image (the same draws as the problem's generator) for the prototypes and the steps."""
     import torch.nn.functional as F
 
     import mlopt
@@ -161,6 +163,11 @@ def test_protomaml_meta_gradient_is_autograd_through_the_head_steps(steps, examp
         net = pm.Embedding(4, lr)
         start = {k: v.detach().clone() for k, v in net.named_parameters()}
         names = list(start)
+        common = importlib.import_module("omniglot_common")
+        gen = torch.Generator().manual_seed(2)  # ProtoHead's generator: seed + 2, seed 0
+        extra = [common.jitter(sx, generator=gen) for _ in range(copies)]
+        task = (sx, sy, qx, qy)
+        sx, sy = torch.cat([sx, *extra]), sy.repeat(copies + 1)
 
         # reference: the unrolled head steps written out with torch.autograd
         emb = net(torch.cat([sx, qx]))
@@ -184,9 +191,10 @@ def test_protomaml_meta_gradient_is_autograd_through_the_head_steps(steps, examp
             "head",
             head,
             torch.optim.SGD(head.parameters(), lr=1.0),
-            train_data_loader=[(sx, sy, qx, qy)] * 2,
+            train_data_loader=[task] * 2,
             config=mlopt.Config(unroll_steps=steps, resample="window"),
             decay=decay,
+            copies=copies,
         )
         up = pm.Features("features", net, torch.optim.SGD(net.parameters(), lr=1.0))
         mlopt.Engine(
