@@ -5,6 +5,8 @@ Workload (the issue's): Conv4 (64 filters, transductive batch norm), Omniglot 5-
 15 queries per class (real tasks from the minimal splits), 5 inner SGD steps (lr 0.4), meta-batch
 of 16 tasks, float32. One meta-iteration = the mean meta-gradient of the 16 tasks.
 
+- ``plain``: the floor, plain PyTorch: ``torch.func.functional_call`` through the
+  differentiable inner steps task by task, ``torch.autograd.grad`` of the query loss;
 - ``mlopt-vmap`` / ``mlopt-loop`` / ``mlopt-auto``: :func:`mlopt.meta.meta_gradients` with
   ``mode="vmap"``, ``"loop"`` or ``"auto"`` (per-task ``torch.func.grad`` of the whole inner loop
   and query loss), the chunk size chosen by mlopt (one task on the CPU);
@@ -20,7 +22,7 @@ Before timing, every implementation computes the meta-gradient of a small float6
 the workload and must agree with a plain-autograd reference (printed). Timing: one thread,
 ``OMP_NUM_THREADS=1``, one warm-up, then rounds in which every implementation runs once
 (interleaved, so load changes on a shared machine hit all of them alike); the median over the
-rounds is reported, with its ratio to the fastest peer. Memory: each implementation runs
+rounds is reported, with its ratios to plain and to the fastest peer. Memory: each one runs
 one meta-iteration in a fresh Python process (same data and model); the reported peak is that
 process's peak resident set size during the iteration (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before it) minus its resident size before the iteration (the same
@@ -140,20 +142,9 @@ def run_l2l(net, tasks, steps, lr):
     return [p.grad for p in net.parameters()]
 
 
-IMPLEMENTATIONS = {
-    "mlopt-vmap": run_mlopt("vmap"),
-    "mlopt-loop": run_mlopt("loop"),
-    "mlopt-auto": run_mlopt("auto"),
-    "mlopt-vmap-chunk4": run_mlopt("vmap", 4),
-    "mlopt-vmap-all": run_mlopt("vmap", all_tasks=True),
-    "mlopt-engine": run_mlopt_engine,
-    "higher": run_higher,
-    "learn2learn": run_l2l,
-}
-
-
-# ---------------------------------------------------------------- checks and measurements
 def reference(net, tasks, steps, lr):
+    """Plain PyTorch: ``functional_call`` through the differentiable inner steps, task by task
+    (the floor the ratios are taken to, and the agreement check's reference)."""
     names = [n for n, _ in net.named_parameters()]
     leaves = list(net.parameters())
     total = [torch.zeros_like(p) for p in leaves]
@@ -168,6 +159,20 @@ def reference(net, tasks, steps, lr):
     return total
 
 
+IMPLEMENTATIONS = {
+    "plain": reference,
+    "mlopt-vmap": run_mlopt("vmap"),
+    "mlopt-loop": run_mlopt("loop"),
+    "mlopt-auto": run_mlopt("auto"),
+    "mlopt-vmap-chunk4": run_mlopt("vmap", 4),
+    "mlopt-vmap-all": run_mlopt("vmap", all_tasks=True),
+    "mlopt-engine": run_mlopt_engine,
+    "higher": run_higher,
+    "learn2learn": run_l2l,
+}
+
+
+# ---------------------------------------------------------------- checks and measurements
 def agreement(tasks, names):
     """Max |difference| to the autograd reference on a float64 Conv4 (8 filters, 2 tasks)."""
     torch.manual_seed(0)
@@ -290,14 +295,17 @@ def main(argv=None):
     medians = {n: statistics.median(v) for n, v in times.items()}
     peers = [medians[n] for n in ("higher", "learn2learn") if n in medians]
     best_peer = min(peers) if peers else None
+    plain = medians.get("plain")
     rows = []
     head = f"s / meta-iteration (median of {args.repeats})"
-    print(f"\n| implementation | {head} | vs best peer | peak MB |")
-    print("| --- | --- | --- | --- |")
+    print(f"\n| implementation | {head} | vs plain | vs best peer | peak MB |")
+    print("| --- | --- | --- | --- | --- |")
     for n in names:
         ratio = f"{medians[n] / best_peer:.2f}x" if best_peer else "-"
-        print(f"| {n} | {medians[n]:.3f} | {ratio} | {memory[n]} |")
+        to_plain = f"{medians[n] / plain:.2f}x" if plain else "-"
+        print(f"| {n} | {medians[n]:.3f} | {to_plain} | {ratio} | {memory[n]} |")
         rows.append({"name": n, "median_s": medians[n], "all_s": times[n], "peak_mb": memory[n]})
+        rows[-1]["ratio_to_plain"] = medians[n] / plain if plain else None
     result = {
         "workload": vars(args),
         "torch": torch.__version__,
