@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.no_grad()
     def predict(sx, sy, qx, copies):
         n_ways = int(sy.max()) + 1
-        if copies:
-            extra = [common.jitter(sx, generator=gen) for _ in range(copies)]
-            sx, sy = torch.cat([sx, *extra]), sy.repeat(copies + 1)
+        sx, sy = common.support_copies(sx, sy, copies, gen)
         fs, fq = embed(sx), embed(qx)
         if ridge:
             w = ridge_solution(fs, sy, embed.log_lam.exp(), n_ways)

@@ -34,6 +34,7 @@ __all__ = [
     "setup",
     "load_data",
     "task_stream",
+    "support_copies",
     "alphabets",
     "TimedEngine",
     "train_bilevel",
@@ -141,6 +142,15 @@ def task_stream(args: argparse.Namespace, train: Any, ways: int | None = None) -
         augment="rotate",
         groups=groups,
     )
+
+
+def support_copies(sx, sy, copies: int, generator: torch.Generator | None = None):
+    """The support set with ``copies`` :func:`jitter`-ed copies of each image appended (labels
+    repeated); unchanged when ``copies`` is 0."""
+    if not copies:
+        return sx, sy
+    extra = [jitter(sx, generator=generator) for _ in range(copies)]
+    return torch.cat([sx, *extra]), sy.repeat(copies + 1)
 
 
 def jitter(

@@ -94,9 +94,8 @@ class ProtoHead(mlopt.Problem):
         """Support and query features in one Conv4 batch, once per task (unroll window)."""
         if self.cache is None:
             sx, sy, qx, _ = task
-            if self.copies:  # more support rows for the prototypes and the head's steps
-                extra = [common.jitter(sx, generator=self.gen) for _ in range(self.copies)]
-                sx, sy = torch.cat([sx, *extra]), sy.repeat(self.copies + 1)
+            # more support rows for the prototypes and the head's steps
+            sx, sy = common.support_copies(sx, sy, self.copies, self.gen)
             emb = self.features(torch.cat([sx, qx]))
             fs, fq = emb[: len(sx)], emb[len(sx) :]
             self.cache = fs, sy, fq, prototypes(fs, sy, self.module.out_features)
@@ -132,9 +131,7 @@ def make_predictor(net, steps: int, lr, decay: float, copies: int, gen):
     @torch.no_grad()
     def predict(sx, sy, qx):
         ways = int(sy.max()) + 1
-        if copies:
-            extra = [common.jitter(sx, generator=gen) for _ in range(copies)]
-            sx, sy = torch.cat([sx, *extra]), sy.repeat(copies + 1)
+        sx, sy = common.support_copies(sx, sy, copies, gen)
         fs, fq = net(sx), net(qx)
         protos = prototypes(fs, sy, ways)
         zero = {"w": torch.zeros(ways, fs.shape[1]), "b": torch.zeros(ways)}
