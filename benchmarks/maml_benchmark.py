@@ -1,5 +1,6 @@
-"""Time per meta-iteration and peak memory of second-order MAML: mlopt (vmap, loop, Engine)
-against higher and learn2learn, on the same work in the same run.
+"""Time per meta-iteration and peak memory of MAML (second order, or FOMAML with
+``--first-order``): mlopt (vmap, loop, Engine) against higher and learn2learn, on the same work
+in the same run.
 
 Workload (the issue's): Conv4 (64 filters, transductive batch norm), Omniglot 5-way 1-shot with
 15 queries per class (real tasks from the minimal splits), 5 inner SGD steps (lr 0.4), meta-batch
@@ -18,6 +19,11 @@ of 16 tasks, float32. One meta-iteration = the mean meta-gradient of the 16 task
 - ``learn2learn``: ``l2l.algorithms.MAML(...).clone()`` and ``adapt`` per task, then
   ``backward``.
 
+``--first-order`` times FOMAML instead (the same rows: plain takes the inner steps without a
+graph and the query gradient at the adapted weights; mlopt ``maml_task_loss(first_order=True)``
+and the Engine's ``type="first_order"``; higher ``track_higher_grads=False`` and the gradient at
+its fast weights; learn2learn ``MAML(first_order=True)``).
+
 Before timing, every implementation computes the meta-gradient of a small float64 version of
 the workload and must agree with a plain-autograd reference (printed). Timing: one thread,
 ``OMP_NUM_THREADS=1``, one warm-up, then rounds in which every implementation runs once
@@ -32,6 +38,7 @@ warm-up would leave freed memory resident and hide the iteration's own).
 Run (in the peers' environment, see benchmarks/README.md)::
 
     OMP_NUM_THREADS=1 .peers-venv/bin/python benchmarks/maml_benchmark.py --repeats 5
+    OMP_NUM_THREADS=1 .peers-venv/bin/python benchmarks/maml_benchmark.py --repeats 5 --first-order
     .peers-venv/bin/python benchmarks/maml_benchmark.py --smoke
     OMP_NUM_THREADS=1 python benchmarks/maml_benchmark.py --memory-only \
         --only mlopt-loop mlopt-vmap mlopt-auto mlopt-vmap-chunk4 mlopt-vmap-all \
@@ -68,9 +75,9 @@ def run_mlopt(mode, chunk_size=None, *, all_tasks=False):
     """``meta_gradients`` with ``mode``, ``chunk_size`` (None: chosen) or every task in one
     vmap (``all_tasks``: the unchunked vmap, as before chunking)."""
 
-    def fn(net, tasks, steps, lr):
+    def fn(net, tasks, steps, lr, first_order=False):
         params = dict(net.named_parameters())
-        loss = maml_task_loss(net, steps, lr)
+        loss = maml_task_loss(net, steps, lr, first_order=first_order)
         chunk = len(tasks) if all_tasks else chunk_size
         out = meta_gradients(
             loss, params, meta_batch(tasks), mode=mode, chunk_size=chunk, has_aux=True
@@ -91,7 +98,7 @@ class _Meta(mlopt.Problem):
         return F.cross_entropy(self.task(qx), qy)
 
 
-def run_mlopt_engine(net, tasks, steps, lr):
+def run_mlopt_engine(net, tasks, steps, lr, first_order=False):
     meta_net, inner = net, copy.deepcopy(net)
     opt = torch.optim.SGD(meta_net.parameters(), lr=0.0)
     grads = []
@@ -103,7 +110,11 @@ def run_mlopt_engine(net, tasks, steps, lr):
         inner,
         torch.optim.SGD(inner.parameters(), lr=lr),
         train_data_loader=tasks,
-        config=mlopt.Config(type="reverse", unroll_steps=steps, initialize_from="meta"),
+        config=mlopt.Config(
+            type="first_order" if first_order else "reverse",
+            unroll_steps=steps,
+            initialize_from="meta",
+        ),
     )
     meta = _Meta("meta", meta_net, opt, config=mlopt.Config(gradient_accumulation=len(tasks)))
     engine = mlopt.Engine(
@@ -116,24 +127,33 @@ def run_mlopt_engine(net, tasks, steps, lr):
     return grads[0]
 
 
-def run_higher(net, tasks, steps, lr):
+def run_higher(net, tasks, steps, lr, first_order=False):
     import higher
 
     net.zero_grad(set_to_none=True)
     inner_opt = torch.optim.SGD(net.parameters(), lr=lr)
+    total = [torch.zeros_like(p) for p in net.parameters()]
     for sx, sy, qx, qy in tasks:
-        with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
+        with higher.innerloop_ctx(
+            net, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order
+        ) as (fnet, diffopt):
             for _ in range(steps):
                 diffopt.step(F.cross_entropy(fnet(sx), sy))
-            (F.cross_entropy(fnet(qx), qy) / len(tasks)).backward()
-    return [p.grad for p in net.parameters()]
+            q = F.cross_entropy(fnet(qx), qy) / len(tasks)
+            if not first_order:
+                q.backward()
+                continue
+            # untracked: the adapted weights are fresh leaves, their gradient is FOMAML's
+            for t, g in zip(total, torch.autograd.grad(q, list(fnet.parameters()))):
+                t.add_(g)
+    return [p.grad for p in net.parameters()] if not first_order else total
 
 
-def run_l2l(net, tasks, steps, lr):
+def run_l2l(net, tasks, steps, lr, first_order=False):
     import learn2learn as l2l
 
     net.zero_grad(set_to_none=True)
-    maml = l2l.algorithms.MAML(net, lr=lr, first_order=False)
+    maml = l2l.algorithms.MAML(net, lr=lr, first_order=first_order)
     for sx, sy, qx, qy in tasks:
         learner = maml.clone()
         for _ in range(steps):
@@ -142,9 +162,10 @@ def run_l2l(net, tasks, steps, lr):
     return [p.grad for p in net.parameters()]
 
 
-def reference(net, tasks, steps, lr):
+def reference(net, tasks, steps, lr, first_order=False):
     """Plain PyTorch: ``functional_call`` through the differentiable inner steps, task by task
-    (the floor the ratios are taken to, and the agreement check's reference)."""
+    (the floor the ratios are taken to, and the agreement check's reference). First order
+    (FOMAML): the inner steps without a graph, the query gradient at the adapted weights."""
     names = [n for n, _ in net.named_parameters()]
     leaves = list(net.parameters())
     total = [torch.zeros_like(p) for p in leaves]
@@ -152,10 +173,15 @@ def reference(net, tasks, steps, lr):
         fast = list(leaves)
         for _ in range(steps):
             loss = F.cross_entropy(torch.func.functional_call(net, dict(zip(names, fast)), sx), sy)
-            grads = torch.autograd.grad(loss, fast, create_graph=True)
+            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
             fast = [p - lr * g for p, g in zip(fast, grads)]
+            if first_order:
+                fast = [p.detach().requires_grad_() for p in fast]
         q = F.cross_entropy(torch.func.functional_call(net, dict(zip(names, fast)), qx), qy)
-        total = [t + g / len(tasks) for t, g in zip(total, torch.autograd.grad(q, leaves))]
+        total = [
+            t + g / len(tasks)
+            for t, g in zip(total, torch.autograd.grad(q, fast if first_order else leaves))
+        ]
     return total
 
 
@@ -173,15 +199,15 @@ IMPLEMENTATIONS = {
 
 
 # ---------------------------------------------------------------- checks and measurements
-def agreement(tasks, names):
+def agreement(tasks, names, first_order=False):
     """Max |difference| to the autograd reference on a float64 Conv4 (8 filters, 2 tasks)."""
     torch.manual_seed(0)
     small = Conv4(1, 5, hidden=8).double()
     t64 = [Task(*(t.double() if t.is_floating_point() else t for t in task)) for task in tasks[:2]]
-    ref = reference(small, t64, 2, 0.4)
+    ref = reference(small, t64, 2, 0.4, first_order)
     out = {}
     for name in names:
-        got = IMPLEMENTATIONS[name](copy.deepcopy(small), t64, 2, 0.4)
+        got = IMPLEMENTATIONS[name](copy.deepcopy(small), t64, 2, 0.4, first_order)
         out[name] = max(float((g - r).abs().max()) for g, r in zip(got, ref))
     return out
 
@@ -196,6 +222,7 @@ def peak_memory_mb(name: str, args: argparse.Namespace) -> float:
     cmd = [sys.executable, __file__, "--memory-of", name, "--data", args.data]
     cmd += ["--meta-batch", str(args.meta_batch), "--steps", str(args.steps)]
     cmd += ["--queries", str(args.queries), "--hidden", str(args.hidden)]
+    cmd += ["--first-order"] if args.first_order else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -212,7 +239,7 @@ def _memory_of(args: argparse.Namespace) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (Linux >= 4.0)
         f.write("5")
     before = _rss_kb()
-    IMPLEMENTATIONS[args.memory_of](net, tasks, args.steps, 0.4)
+    IMPLEMENTATIONS[args.memory_of](net, tasks, args.steps, 0.4, args.first_order)
     print(round((_peak_kb() - before) / 1024, 1))
 
 
@@ -236,6 +263,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--only", nargs="*", default=list(IMPLEMENTATIONS))
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--first-order", action="store_true", help="FOMAML instead of MAML")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="peak memory, no timing")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -255,7 +283,7 @@ def main(argv=None):
             print(f"{n}: not installed, skipped (see benchmarks/README.md)")
             names.remove(n)
     net, tasks = _workload(args)
-    agree = agreement(tasks, names)
+    agree = agreement(tasks, names, args.first_order)
     print("agreement with plain autograd (float64, max abs diff):", agree)
     wrong = {n: d for n, d in agree.items() if not d < 1e-10}
     if wrong:
@@ -284,12 +312,12 @@ def main(argv=None):
         return result
     times = {n: [] for n in names}
     for n in names:  # warm-up
-        IMPLEMENTATIONS[n](copy.deepcopy(net), tasks, args.steps, 0.4)
+        IMPLEMENTATIONS[n](copy.deepcopy(net), tasks, args.steps, 0.4, args.first_order)
     for _ in range(args.repeats):
         for n in names:
             model = copy.deepcopy(net)
             t0 = time.perf_counter()
-            IMPLEMENTATIONS[n](model, tasks, args.steps, 0.4)
+            IMPLEMENTATIONS[n](model, tasks, args.steps, 0.4, args.first_order)
             times[n].append(time.perf_counter() - t0)
     memory = {n: peak_memory_mb(n, args) for n in names}
     medians = {n: statistics.median(v) for n, v in times.items()}

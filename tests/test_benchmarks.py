@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -108,3 +110,25 @@ def test_cost_model_smoke(tmp_path):
     assert all(r["ratio"] > 0 and r["peak_mb"] >= 0 for r in rows.values())
     assert rows["forward"]["ratio_jvp"] > 0 and "ratio_jvp" not in rows["reverse"]
     assert json.loads(out.read_text())["T"] == 3
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_benchmark_smoke_agrees_with_plain(tmp_path, first_order):
+    import maml_benchmark
+
+    if not Path(maml_benchmark._DATA).exists():
+        pytest.skip("Omniglot minimal splits not found")
+    argv = [
+        "--smoke",
+        "--only",
+        "plain",
+        "mlopt-loop",
+        "mlopt-engine",
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    result = maml_benchmark.main(argv + (["--first-order"] if first_order else []))
+    assert [r["name"] for r in result["results"]] == ["plain", "mlopt-loop", "mlopt-engine"]
+    assert json.loads((tmp_path / "m").read_text())["workload"]["first_order"] is first_order
+    # main() exits before timing unless every row reproduced plain's float64 meta-gradient
+    assert all(r["ratio_to_plain"] > 0 for r in result["results"])
