@@ -18,6 +18,10 @@ Each task's support and query images go through the Conv4 together once per meta
 batch-norm batch, as the ProtoNet example does); the lower reuses those support features at
 every inner step (the features do not change within a task's unroll).
 
+``--save FILE`` writes the trained model; ``--ensemble FILE [FILE ...]`` trains nothing and
+evaluates the members' ensemble (each query's class: the argmax of the mean of the members'
+softmax probabilities, with the same support copies for all members), and each member alone.
+
 For Lake's one-shot runs: ``--held-out 0 --ways 20 --within-alphabet --train-ways 20 --jitter``
 (the ProtoNet's best training protocol); ``--test-augment K`` adds ``K`` jittered copies of each
 support image at test time (more support rows, for the prototypes and the head's steps; nothing
@@ -30,6 +34,10 @@ Run::
 
     python examples/protomaml_omniglot.py --ways 20 --held-out 0 --within-alphabet \
         --train-ways 20 --jitter --lr-halve-every 2000 --minutes 45 --out results/protomaml.json
+    python examples/protomaml_omniglot.py --ways 20 --held-out 0 --within-alphabet \
+        --train-ways 20 --jitter --minutes 30 --seed 1 --save results/protomaml_1.pt
+    python examples/protomaml_omniglot.py --ways 20 --held-out 0 \
+        --ensemble results/protomaml_0.pt results/protomaml_1.pt
     python examples/protomaml_omniglot.py --smoke
 """
 
@@ -124,14 +132,13 @@ class Features(mlopt.Problem):
         }
 
 
-def make_predictor(net, steps: int, lr, decay: float, copies: int, gen):
-    """``predict(sx, sy, qx)``: prototype start, ``steps`` SGD steps of the head on the support
-    (with ``copies`` jittered copies of each support image), then classify each query."""
+def adapted_logits(net, steps: int, lr, decay: float):
+    """``logits(sx, sy, qx)``: prototype start, ``steps`` SGD steps of the head on the support,
+    then the head's logits for each query."""
 
     @torch.no_grad()
-    def predict(sx, sy, qx):
+    def logits(sx, sy, qx):
         ways = int(sy.max()) + 1
-        sx, sy = common.support_copies(sx, sy, copies, gen)
         fs, fq = net(sx), net(qx)
         protos = prototypes(fs, sy, ways)
         zero = {"w": torch.zeros(ways, fs.shape[1]), "b": torch.zeros(ways)}
@@ -142,7 +149,23 @@ def make_predictor(net, steps: int, lr, decay: float, copies: int, gen):
 
         with torch.enable_grad():
             fast = adapt(loss, zero, steps, lr)
-        return proto_logits(fq, protos, fast["w"], fast["b"]).argmax(-1)
+        return proto_logits(fq, protos, fast["w"], fast["b"])
+
+    return logits
+
+
+def make_predictor(nets: list, lrs: list, steps: int, decay: float, copies: int, gen):
+    """``predict(sx, sy, qx)``: ``copies`` jittered copies of each support image, then each query's
+    class: the argmax of one model's logits, or of an ensemble's mean softmax probabilities (all
+    members see the same support copies)."""
+    members = [adapted_logits(net, steps, lr, decay) for net, lr in zip(nets, lrs)]
+
+    @torch.no_grad()
+    def predict(sx, sy, qx):
+        sx, sy = common.support_copies(sx, sy, copies, gen)
+        if len(members) == 1:
+            return members[0](sx, sy, qx).argmax(-1)
+        return torch.stack([m(sx, sy, qx).softmax(-1) for m in members]).mean(0).argmax(-1)
 
     return predict
 
@@ -188,37 +211,80 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--lr-halve-every", type=int, default=0, help="halve the outer lr every N meta-updates"
     )
+    p.add_argument("--save", default=None, help="write the trained model (and its counts) here")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=None,
+        help="no training: evaluate the ensemble of these --save files",
+    )
     args = p.parse_args(argv)
     common.setup(args)
     train, test, runs = common.load_data(args)
-    net, up, low = build(args, train, args.train_ways or args.ways)
-    training = common.train_bilevel(args, up, low)
-    net.eval()
+    if args.ensemble:
+        nets, results = load_members(args, args.ensemble)
+    else:
+        net, up, low = build(args, train, args.train_ways or args.ways)
+        results = common.train_bilevel(args, up, low)
+        net.eval()
+        nets = [net]
+        results["learned_inner_lr"] = round(net.log_lr.exp().item(), 5)
+        if args.save:
+            split = {"held_out": args.held_out, "seed": args.seed, "hidden": args.hidden}
+            torch.save({"model": net.state_dict(), "results": results, "split": split}, args.save)
+    lrs = [net.log_lr.exp().item() for net in nets]
 
-    lr = net.log_lr.exp().item()
-
-    def predictor(steps: int, copies: int, scale: float = 1.0):
+    def predictor(steps: int, copies: int, scale: float = 1.0, which=None):
         gen = torch.Generator().manual_seed(args.seed + 1)
-        return make_predictor(net, steps, lr * scale, args.decay, copies, gen)
+        which = range(len(nets)) if which is None else which  # members: all, or these
+        chosen, rates = [nets[i] for i in which], [lrs[i] * scale for i in which]
+        return make_predictor(chosen, rates, steps, args.decay, copies, gen)
 
-    def score(steps: int, copies: int, scale: float = 1.0) -> dict:
-        out = common.evaluate(args, predictor(steps, copies, scale), test, runs)
+    def score(steps: int, copies: int, scale: float = 1.0, which=None) -> dict:
+        out = common.evaluate(args, predictor(steps, copies, scale, which), test, runs)
         return {k: v for k, v in out.items() if k != "eval_seconds"}
 
-    results = common.evaluate(args, predictor(args.test_steps, args.test_augment), test, runs)
+    out = common.evaluate(args, predictor(args.test_steps, args.test_augment), test, runs)
     # diagnostics, not the result: the prototype start alone, and other test-time settings
-    results["test_steps_0"] = score(0, args.test_augment)
+    out["test_steps_0"] = score(0, args.test_augment)
     other = 0 if args.test_augment else 4  # the same model with(out) test-time augmentation
-    results[f"test_augment_{other}"] = score(args.test_steps, other)
-    results[f"test_augment_{other}_steps_0"] = score(0, other)
-    results["diagnostics_test_lr_x_steps"] = {
-        f"{scale}x{steps}": score(steps, args.test_augment, scale)
-        for scale in (0.3, 3.0)
-        for steps in (args.test_steps, 10)
-    }
-    results.update(training)
-    results["learned_inner_lr"] = round(lr, 5)
-    return common.finish(args, "protomaml", results)
+    out[f"test_augment_{other}"] = score(args.test_steps, other)
+    out[f"test_augment_{other}_steps_0"] = score(0, other)
+    if args.ensemble:  # each member alone, with the ensemble's test-time setting
+        out["members_alone"] = [
+            score(args.test_steps, args.test_augment, which=[i]) for i in range(len(nets))
+        ]
+    else:
+        out["diagnostics_test_lr_x_steps"] = {
+            f"{scale}x{steps}": score(steps, args.test_augment, scale)
+            for scale in (0.3, 3.0)
+            for steps in (args.test_steps, 10)
+        }
+    out.update(results)
+    return common.finish(args, "protomaml", out)
+
+
+def load_members(args, paths: list[str]) -> tuple[list, dict]:
+    """The ``--save`` files' models (eval mode) and their training counts, summed."""
+    nets, members = [], []
+    for path in paths:
+        saved = torch.load(path, weights_only=True)
+        split = saved["split"]
+        if split["held_out"] != args.held_out or (args.held_out and split["seed"] != args.seed):
+            raise mlopt.ConfigError(
+                f"--ensemble: {path} was trained with --held-out {split['held_out']} --seed "
+                f"{split['seed']}, so its held-out characters are not this run's (--held-out "
+                f"{args.held_out} --seed {args.seed}): some test characters would be training "
+                "characters of a member. Evaluate with the members' split, or train the members "
+                "with --held-out 0 (Lake's runs only), where any seeds may be mixed"
+            )
+        args.hidden = split["hidden"]
+        net = Embedding(args.hidden, args.inner_lr)
+        net.load_state_dict(saved["model"])
+        nets.append(net.eval())
+        members.append({"file": path, **saved["results"]})
+    total = {k: round(sum(m[k] for m in members), 1) for k in ("meta_updates", "train_seconds")}
+    return nets, {**total, "members": members}
 
 
 if __name__ == "__main__":

@@ -207,3 +207,25 @@ def test_protomaml_meta_gradient_is_autograd_through_the_head_steps(steps, copie
             assert torch.allclose(got[n], e, atol=1e-10, rtol=1e-8), n
     finally:
         torch.set_default_dtype(dtype)
+
+
+def test_protomaml_ensemble_of_saved_models(omniglot_root, examples_path, tmp_path):
+    """``--save`` then ``--ensemble``: a one-member ensemble reproduces that model's own scores
+    exactly, a two-member ensemble scores each member alone as it scored itself, and members
+    with another held-out split are refused before anything is evaluated."""
+    pm = importlib.import_module("protomaml_omniglot")
+    base = ["--smoke", "--data", str(omniglot_root), "--ways", "20"]
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    alone_a = pm.main([*base, "--save", str(a)])
+    alone_b = pm.main([*base, "--save", str(b), "--outer-lr", "0.01"])
+    one = pm.main([*base, "--ensemble", str(a)])
+    keys = ("accuracy", "lake_error_percent", "test_steps_0", "test_augment_4")
+    assert {k: one[k] for k in keys} == {k: alone_a[k] for k in keys}
+    assert one["meta_updates"] == alone_a["meta_updates"] == 2
+    both = pm.main([*base, "--ensemble", str(a), str(b)])
+    assert both["meta_updates"] == 4 and len(both["members"]) == 2
+    for member, alone in zip(both["members_alone"], (alone_a, alone_b)):
+        assert member["accuracy"] == alone["accuracy"]
+        assert member["lake_error_percent"] == alone["lake_error_percent"]
+    with pytest.raises(ConfigError, match=r"--ensemble: .*a\.pt was trained with --held-out 42"):
+        pm.main([*base, "--seed", "1", "--ensemble", str(a)])
